@@ -1,0 +1,95 @@
+"""`python -m weclip.train` as a user runs it: --help, bad configuration, and a real kill + resume."""
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+import torch
+
+ARGS = ['--model', 'weclip-tiny', '--weights', 'none', '--train-split', 'train', '--iters', '6', '--batch-size', '2',
+        '--decoder-dim', '32', '--num-workers', '0', '--ckpt-every', '1', '--eval-every', '6', '--eval-images', '2',
+        '--rfm-start', '2', '--log-every', '1']
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, '-m', 'weclip.train', *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    from weclip.toy import write_toy_dataset
+    return str(write_toy_dataset(tmp_path_factory.mktemp('toy') / 'toy', n_train=8, n_val=2, seed=0))
+
+
+def test_help_lists_every_field():
+    from weclip.train import TrainConfig
+    import dataclasses
+    r = run('--help')
+    assert r.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert '--' + f.name.replace('_', '-') in r.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--box-threshold', '2'), 'box_threshold=2.0 is out of range'),
+    (('--batch-size', '0'), 'batch_size=0 is out of range'),
+    (('--data-root', '/nonexistent/VOC2012', '--preset', 'voc', '--weights', 'none'), '/nonexistent/VOC2012'),
+])
+def test_bad_input_one_clear_message(args, message):
+    r = run(*args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+
+
+def decoder_weights(out):
+    return torch.load(Path(out) / 'last.pt', weights_only=True)['model']
+
+
+def test_kill_and_resume_is_exact(toy, tmp_path):
+    common = [*ARGS, '--data-root', toy]
+    straight = run(*common, '--out-dir', str(tmp_path / 'a'))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # killed inside the 4th checkpoint write (after the temporary file, before the rename) ...
+    killed = run(*common, '--out-dir', str(tmp_path / 'b'), env={'WECLIP_KILL_IN_SAVE': '4'})
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / 'b' / 'last.pt', weights_only=True)['iteration'] == 3   # the 3rd checkpoint, whole
+    # ... then resumed with the same command
+    resumed = run(*common, '--out-dir', str(tmp_path / 'b'), '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = decoder_weights(tmp_path / 'a'), decoder_weights(tmp_path / 'b')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [p for p in os.listdir(tmp_path / 'b') if '.tmp' in p]   # no temporary file left behind
+
+
+def test_sigkill_at_any_time_then_resume(toy, tmp_path):
+    common = [*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'c')]
+    p = subprocess.Popen([sys.executable, '-m', 'weclip.train', *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, t0 = tmp_path / 'c' / 'last.pt', time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    r = run(*common, '--resume') if ckpt.exists() else run(*common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = run(*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'd'))
+    a, b = decoder_weights(tmp_path / 'c'), decoder_weights(tmp_path / 'd')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_on_cpu(toy, tmp_path):
+    """torchrun with 2 gloo processes: each takes half of every batch, only rank 0 writes, resume is exact."""
+    def torchrun(out, *extra, env=None):
+        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               '-m', 'weclip.train', *ARGS, '--data-root', toy, '--iters', '3', '--batch-size', '1',
+                               '--eval-every', '3', '--out-dir', str(out), *extra], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+    r = torchrun(tmp_path / 'ddp')
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [l for l in (tmp_path / 'ddp' / 'metrics.jsonl').read_text().splitlines() if '"total"' in l]
+    assert len(rows) == 3                                  # one line per iteration: only rank 0 logs
+    state = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 3 and len(state['rng']) == 2
+    killed = torchrun(tmp_path / 'ddp2', env={'WECLIP_KILL_IN_SAVE': '3'})   # rank 0 dies writing iteration 3
+    assert killed.returncode != 0
+    assert torch.load(tmp_path / 'ddp2' / 'last.pt', weights_only=True)['iteration'] == 2
+    resumed = torchrun(tmp_path / 'ddp2', '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = decoder_weights(tmp_path / 'ddp'), decoder_weights(tmp_path / 'ddp2')
+    assert all(torch.equal(a[k], b[k]) for k in a)
