@@ -1,0 +1,121 @@
+"""`python -m weclip.evaluate` and `python -m weclip.predict` as a user runs them: outputs, and one clear message per bad input."""
+import json, os, subprocess, sys
+from dataclasses import asdict
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def run(module, *args, timeout=300):
+    return subprocess.run([sys.executable, '-m', f'weclip.{module}', *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A toy world (2 val images, also listed as a VOC-style test split) and a checkpoint in the trainer's format."""
+    from weclip.backbone import TINY_CLIP
+    from weclip.toy import write_toy_dataset
+    from weclip.train import make_config, save_checkpoint
+    from weclip.model import WeCLIP
+    from weclip.data import VOC
+    d = tmp_path_factory.mktemp('eval')
+    toy = write_toy_dataset(d / 'toy', n_train=1, n_val=2, seed=0)
+    sets = toy / 'ImageSets' / 'Segmentation'
+    (sets / 'test.txt').write_text((sets / 'val.txt').read_text())     # images only, like VOC's test split
+    cfg = make_config('toy', model=TINY_CLIP, weights='none', data_root=str(toy), decoder_dim=32, num_workers=0,
+                      out_dir=str(d / 'run'))
+    torch.manual_seed(cfg.seed)
+    model = WeCLIP.from_config(cfg, classes=VOC(toy, 'val').classes)
+    save_checkpoint(dict(iteration=2, best=0.0, model=model.trainable_state_dict(), config=asdict(cfg)),
+                    d / 'run' / 'last.pt')
+    return d
+
+
+def test_help():
+    for module, opts in (('evaluate', ['--checkpoint', '--split', '--source', '--crf', '--scales', '--no-flip',
+                                       '--out', '--device', '--max-images', '--resize-long']),
+                         ('predict', ['--checkpoint', '--out', '--crf', '--scales', '--no-flip', 'images'])):
+        r = run(module, '--help')
+        assert r.returncode == 0, r.stderr
+        assert all(o in r.stdout for o in opts), r.stdout
+
+
+def test_evaluate_val_with_crf(run_dir):
+    from weclip.data import VOC, read_mask
+    from weclip.train import confusion
+    from weclip.evaluate import seg_metrics
+    out = run_dir / 'ev'
+    r = run('evaluate', '--checkpoint', str(run_dir / 'run' / 'last.pt'), '--crf', '--out', str(out), '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'mIoU' in r.stdout and 'seg+crf' in r.stdout and 'crescent' in r.stdout and 'background' in r.stdout
+    doc = json.loads((out / 'results.json').read_text())
+    assert (doc['split'], doc['source'], doc['scales'], doc['flip'], doc['images']) == ('val', 'seg', [0.75, 1.0], True, 2)
+    assert sorted(doc['results']) == ['seg', 'seg+crf']
+    for res in doc['results'].values():
+        assert 0 <= res['miou'] <= 1 and 0 <= res['pixel_acc'] <= 1 and len(res['iou']) == 9
+    # the saved palette PNGs are the CRF predictions, and measuring them again gives the reported mIoU
+    val = VOC(run_dir / 'toy', 'val', with_masks=True)
+    conf = 0
+    for i, name in enumerate(val.names):
+        with Image.open(out / 'pred' / f'{name}.png') as im: assert (im.mode, im.size) == ('P', (160, 160))
+        conf = conf + confusion(torch.tensor(read_mask(out / 'pred' / f'{name}.png')).long(), val[i]['mask'], 9)
+    assert abs(seg_metrics(conf, list(doc['results']['seg']['iou']))['miou'] - doc['results']['seg+crf']['miou']) < 1e-9
+
+
+def test_evaluate_pseudo_labels(run_dir):
+    r = run('evaluate', '--checkpoint', str(run_dir / 'run' / 'last.pt'), '--source', 'pseudo', '--max-images', '1',
+            '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((run_dir / 'run' / 'eval-val-pseudo' / 'results.json').read_text())
+    assert list(doc['results']) == ['pseudo'] and doc['images'] == 1 and 0 <= doc['results']['pseudo']['miou'] <= 1
+
+
+def test_evaluate_voc_test_split_layout(run_dir):
+    out = run_dir / 'sub'
+    r = run('evaluate', '--checkpoint', str(run_dir / 'run' / 'last.pt'), '--split', 'test', '--out', str(out),
+            '--scales', '1.0', '--no-flip', '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'tar -czf results.tgz results' in r.stdout
+    names = (run_dir / 'toy' / 'ImageSets' / 'Segmentation' / 'test.txt').read_text().split()
+    sub = out / 'results' / 'VOC2012' / 'Segmentation' / 'comp6_test_cls'
+    assert sorted(p.name for p in sub.iterdir()) == sorted(f'{n}.png' for n in names)
+    assert json.loads((out / 'results.json').read_text())['results'] == {}
+
+
+def test_predict_own_images(run_dir):
+    pics = run_dir / 'pics'; (pics / 'more').mkdir(parents=True)
+    src = Image.open(run_dir / 'toy' / 'JPEGImages' / 'toy_val_000000.jpg')
+    src.resize((130, 90)).save(pics / 'wide.jpg'); src.resize((70, 100)).save(pics / 'more' / 'tall.png')
+    out = run_dir / 'pred_out'
+    r = run('predict', '--checkpoint', str(run_dir / 'run' / 'last.pt'), str(pics), '--out', str(out), '--crf', '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stem, size in (('wide', (130, 90)), ('tall', (70, 100))):
+        with Image.open(out / f'{stem}.png') as im: assert (im.mode, im.size) == ('P', size)
+        with Image.open(out / f'{stem}_overlay.jpg') as im: assert im.size == size
+        assert f'{stem}.png' in r.stdout
+
+
+def test_bad_input_one_clear_message(run_dir):
+    ck = str(run_dir / 'run' / 'last.pt')
+    (run_dir / 'corrupt.pt').write_bytes(b'half a checkpoint')
+    (run_dir / 'empty').mkdir(exist_ok=True)
+    (run_dir / 'notes.jpg').write_text('not a picture')
+    # as a user sees it: a message on stderr, no traceback
+    for args, message in [(('evaluate', '--checkpoint', str(run_dir / 'nope.pt')), 'No checkpoint at'),
+                          (('predict', '--checkpoint', ck, str(run_dir / 'notes.jpg')), 'cannot read image')]:
+        r = run(*args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])
+        assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+    # the other cases through the same entry points, in this process (a process start costs seconds here)
+    from weclip.evaluate import evaluate_cli
+    from weclip.predict import predict_cli
+    for cli, args, message in [
+            (evaluate_cli, ['--checkpoint', str(run_dir / 'corrupt.pt')], 'is unreadable'),
+            (evaluate_cli, ['--checkpoint', ck, '--split', 'test', '--source', 'cam'], 'needs image-level labels'),
+            (evaluate_cli, ['--checkpoint', ck, '--source', 'pseudo', '--crf'], '--crf refines the segmentation only'),
+            (predict_cli, ['--checkpoint', ck, str(run_dir / 'empty')], 'No images in folder'),
+            (predict_cli, ['--checkpoint', ck, str(run_dir / 'missing.jpg')], 'missing.jpg does not exist')]:
+        with pytest.raises(SystemExit) as e: cli(args)
+        assert message in str(e.value), (args, str(e.value))
