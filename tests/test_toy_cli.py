@@ -70,7 +70,7 @@ def test_bad_input_one_clear_message(tmp_path, args, message):
 
 def test_train_clip_is_reserved(tmp_path):
     r = run('--train-clip', '--out', str(tmp_path))
-    assert r.returncode != 0 and 'arrives in a later step' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode != 0 and 'python -m weclip.toyclip --train' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_other_seed_in_same_folder_refused(tmp_path):
