@@ -3,7 +3,7 @@ import json, subprocess, sys, time
 import pytest
 import torch
 
-from weclip.toyclip import TINY_CLIP_WEIGHTS, ToyClipError, load_tiny_clip, measure_tiny_clip
+from weclip.toyclip import TINY_CLIP_WEIGHTS, ToyClipError, load_tiny_clip, measure_tiny_clip, miou
 
 
 def run(*args):
@@ -44,6 +44,8 @@ def test_shipped_weights_load_fast_and_are_trained():
     res = r['results']['a {}.']
     chance = 0.3   # label frequency is about 0.23: chance mAP
     assert res['mAP'] > chance + 0.4, res['mAP']
+    cam, floor = miou(res['with_bg']), miou(r['baselines']['all background'])
+    assert cam > 0.5 and cam > floor + 0.3, (cam, floor)   # it localises: measured 0.73-0.75 on 400 scenes
 
 
 def test_not_a_tiny_clip_checkpoint(tmp_path):
