@@ -6,7 +6,7 @@ import torch
 
 ARGS = ['--model', 'weclip-tiny', '--weights', 'none', '--train-split', 'train', '--iters', '6', '--batch-size', '2',
         '--decoder-dim', '32', '--num-workers', '0', '--ckpt-every', '1', '--eval-every', '6', '--eval-images', '2',
-        '--rfm-start', '2', '--log-every', '1']
+        '--rfm-start', '2', '--log-every', '1', '--no-report']
 
 
 def run(*args, env=None, timeout=600):
@@ -93,3 +93,12 @@ def test_ddp_two_processes_on_cpu(toy, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = decoder_weights(tmp_path / 'ddp'), decoder_weights(tmp_path / 'ddp2')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_table_at_the_end(toy, tmp_path):
+    r = run(*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'r'), '--iters', '2', '--report')
+    assert r.returncode == 0, r.stderr[-3000:]
+    for word in ('Results on toy val (2 images', 'initial CAM', 'pseudo labels', 'segmentation', 'seg + CRF',
+                 'mIoU', f"Saved in {tmp_path / 'r'}"):
+        assert word in r.stdout, (word, r.stdout[-3000:])
+    assert (tmp_path / 'r' / 'results.json').is_file()
