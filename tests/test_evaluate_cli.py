@@ -17,7 +17,8 @@ def run_dir(tmp_path_factory):
     """A toy world (2 val images, also listed as a VOC-style test split) and a checkpoint in the trainer's format."""
     from weclip.backbone import TINY_CLIP
     from weclip.toy import write_toy_dataset
-    from weclip.train import make_config, save_checkpoint
+    from weclip.config import make_config
+    from weclip.checkpoint import save_checkpoint
     from weclip.model import WeCLIP
     from weclip.data import VOC
     d = tmp_path_factory.mktemp('eval')
@@ -44,7 +45,7 @@ def test_help():
 
 def test_evaluate_val_with_crf(run_dir):
     from weclip.data import VOC, read_mask
-    from weclip.train import confusion
+    from weclip.metrics import confusion
     from weclip.evaluate import seg_metrics
     out = run_dir / 'ev'
     r = run('evaluate', '--checkpoint', str(run_dir / 'run' / 'last.pt'), '--crf', '--out', str(out), '--quiet')
@@ -119,3 +120,18 @@ def test_bad_input_one_clear_message(run_dir):
             (predict_cli, ['--checkpoint', ck, str(run_dir / 'missing.jpg')], 'missing.jpg does not exist')]:
         with pytest.raises(SystemExit) as e: cli(args)
         assert message in str(e.value), (args, str(e.value))
+
+
+def test_crf_is_an_optional_extra(run_dir, monkeypatch):
+    """Without pydensecrf2, --crf says how to install it (one line), and everything else still works."""
+    for m in ('pydensecrf', 'pydensecrf.densecrf', 'pydensecrf.utils'): monkeypatch.setitem(sys.modules, m, None)
+    from weclip.evaluate import evaluate_cli, crf_available
+    from weclip.predict import predict_cli
+    assert not crf_available()
+    ck = str(run_dir / 'run' / 'last.pt')
+    for cli, args in ((evaluate_cli, ['--checkpoint', ck, '--crf', '--quiet']),
+                      (predict_cli, ['--checkpoint', ck, str(run_dir / 'toy' / 'JPEGImages'), '--crf', '--quiet'])):
+        with pytest.raises(SystemExit) as e: cli(args)
+        assert 'pip install "weclip[crf]"' in str(e.value) and '\n' not in str(e.value), str(e.value)
+    doc = evaluate_cli(['--checkpoint', ck, '--quiet', '--max-images', '1', '--out', str(run_dir / 'nocrf')])
+    assert list(doc['results']) == ['seg']

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_reproduce_notebook_smoke():
     nbdev_test = shutil.which('nbdev_test') or str(Path(sys.executable).parent / 'nbdev_test')
-    r = subprocess.run([nbdev_test, '--path', str(ROOT / 'nbs' / '12_reproduce.ipynb'), '--flags', 'gpu'],
+    r = subprocess.run([nbdev_test, '--path', str(ROOT / 'nbs' / '13_reproduce.ipynb'), '--flags', 'gpu'],
                        capture_output=True, text=True, cwd=ROOT, timeout=1200,
                        env={**os.environ, 'WECLIP_SMOKE': '1', 'CUDA_VISIBLE_DEVICES': ''})
     assert r.returncode == 0 and 'Success' in r.stdout + r.stderr, (r.stdout + r.stderr)[-4000:]

@@ -21,7 +21,7 @@ def toy(tmp_path_factory):
 
 
 def test_help_lists_every_field():
-    from weclip.train import TrainConfig
+    from weclip.config import TrainConfig
     import dataclasses
     r = run('--help')
     assert r.returncode == 0
@@ -102,3 +102,64 @@ def test_report_table_at_the_end(toy, tmp_path):
                  'mIoU', f"Saved in {tmp_path / 'r'}"):
         assert word in r.stdout, (word, r.stdout[-3000:])
     assert (tmp_path / 'r' / 'results.json').is_file()
+
+
+def test_sigterm_saves_then_resume_is_exact(toy, tmp_path):
+    """A cluster preempts with SIGTERM: the run writes last.pt, says how to continue, and the resume is bit-identical."""
+    common = [*ARGS, '--data-root', toy, '--ckpt-every', '100']           # no regular checkpoint before the signal
+    p = subprocess.Popen([sys.executable, '-m', 'weclip.train', *common, '--out-dir', str(tmp_path / 's')],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < 300:                  # wait for the first logged iteration
+        m = tmp_path / 's' / 'metrics.jsonl'
+        if m.exists() and '"total"' in m.read_text(): break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert 'Stopped by SIGTERM at iteration' in err and 'Continue with the same command and --resume.' in err, err
+    assert 'Traceback' not in err, err[-3000:]
+    it = torch.load(tmp_path / 's' / 'last.pt', weights_only=True)['iteration']
+    assert 1 <= it < 6 and not (tmp_path / 's' / '.lock').exists()
+    resumed = run(*common, '--out-dir', str(tmp_path / 's'), '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run(*common, '--out-dir', str(tmp_path / 'u'))
+    a, b = decoder_weights(tmp_path / 's'), decoder_weights(tmp_path / 'u')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_job_log_shows_progress_and_the_configuration(toy, tmp_path):
+    """stdout is not a terminal here, as in a batch job's log: one progress line every --log-every iterations."""
+    r = run(*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'p'), '--log-every', '2', '--variant', 'paper')
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith('iteration ') and ' img/s | ETA ' in l]
+    assert [l.split(' |')[0] for l in lines] == ['iteration 2/6', 'iteration 4/6', 'iteration 6/6'], r.stdout[-3000:]
+    assert ' | total ' in lines[0] and ' | lr ' in lines[0]
+    assert any(l.split() == ['decoder_blocks', '=', '12', '(variant', 'paper)'] for l in r.stdout.splitlines()), r.stdout[:3000]
+    assert any(l.split()[:3] == ['iters', '=', '6'] and l.endswith('(option)') for l in r.stdout.splitlines())
+
+
+def test_second_run_in_the_same_folder_is_refused(toy, tmp_path):
+    out = tmp_path / 'busy'; out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        import socket
+        (out / '.lock').write_text(f'{socket.gethostname()} {holder.pid}')
+        r = run(*ARGS, '--data-root', toy, '--out-dir', str(out))
+        assert r.returncode != 0 and f'is in use by another run (pid {holder.pid}' in r.stderr, r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr and sorted(p.name for p in out.iterdir()) == ['.lock']
+    finally:
+        holder.kill(); holder.wait()
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--data-root', '/tmp/weclip-no-such-toy-world'), 'No toy world at /tmp/weclip-no-such-toy-world'),
+    (('--device', 'gpu'), "device='gpu' is out of range: use auto, cpu, cuda or cuda:N"),
+    (('--batch-size', '9'), 'has 8 images, fewer than one batch'),
+])
+def test_more_bad_input(toy, tmp_path, args, message):
+    base = [*ARGS, '--out-dir', str(tmp_path / 'x')] + ([] if '--data-root' in args else ['--data-root', toy])
+    r = run(*base, *args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+    assert not Path('/tmp/weclip-no-such-toy-world').exists()

@@ -8,52 +8,23 @@ import argparse, dataclasses, json, sys, time
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
-from .data import IGNORE, write_mask, denormalize
-from .train import confusion, miou
+from tqdm.auto import tqdm
+from .data import (IGNORE, VOC, COCO, COCO_CATEGORIES, EvalTransform, DatasetError, collate, read_label_file,
+                         write_mask, denormalize)
+from .prompts import VOC_CLASSES
+from .toy import SHAPES
+from .cam import initial_cam
+from .model import WeCLIP
+from .config import TrainConfig, config_from_dict, resolve_device
+from .checkpoint import load_checkpoint
+from .metrics import confusion, miou, seg_metrics, iou_table
 
 # %% auto #0
-__all__ = ['OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'pixel_accuracy', 'seg_metrics', 'iou_table',
-           'resize_long', 'default_long_side', 'msc_flip_logits', 'infer_logits', 'dense_crf', 'to_uint8',
-           'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample',
-           'evaluate_dataset', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser', 'run_evaluation',
-           'evaluate_cli']
-
-# %% ../nbs/10_evaluate.ipynb #e3369fbc
-def pixel_accuracy(conf: torch.Tensor, # (K,K) confusion counts, rows truth
-                  ) -> float:
-    "Fraction of counted pixels predicted right: trace / total."
-    conf = conf.double()
-    return float(conf.diag().sum() / conf.sum().clamp(min=1))
-
-def seg_metrics(conf: torch.Tensor, # (K,K) confusion counts, rows truth, columns prediction
-                names: list[str], # K class names, background first
-               ) -> dict:
-    "mIoU (ours and the official truth-only mean), pixel accuracy, mean class accuracy and IoU per class name."
-    K = conf.shape[0]
-    if len(names) != K: raise ValueError(f"{K} classes in the confusion matrix but {len(names)} names: pass the "
-                                         "background plus every foreground class name.")
-    m, iou = miou(conf)
-    conf = conf.double(); truth = conf.sum(1)
-    in_gt = truth > 0
-    acc = conf.diag() / truth.clamp(min=1)
-    return dict(miou=m, miou_gt=float(iou[in_gt].nan_to_num(0).mean()) if in_gt.any() else float('nan'),
-                pixel_acc=pixel_accuracy(conf), mean_acc=float(acc[in_gt].mean()) if in_gt.any() else float('nan'),
-                pixels=int(conf.sum()), iou={n: (None if v != v else float(v)) for n, v in zip(names, iou.tolist())})
-
-# %% ../nbs/10_evaluate.ipynb #b53ee1e0
-def iou_table(results: dict, # column title -> `seg_metrics` output
-             ) -> str:
-    "Per-class IoU table (percent) with one column per result, then mIoU, official mIoU and pixel accuracy."
-    cols = list(results)
-    names = list(next(iter(results.values()))['iou'])
-    w = max(12, *(len(n) for n in names)); cw = max(8, *(len(c) + 1 for c in cols))
-    fmt = lambda v: f"{'-' if v is None else f'{100 * v:.1f}':>{cw}}"
-    lines = [f"{'class':<{w}}" + ''.join(f'{c:>{cw}}' for c in cols)]
-    lines += [f'{n:<{w}}' + ''.join(fmt(results[c]['iou'][n]) for c in cols) for n in names]
-    lines.append('-' * len(lines[0]))
-    for key, title in (('miou', 'mIoU'), ('miou_gt', 'mIoU (gt)'), ('pixel_acc', 'pixel acc')):
-        lines.append(f'{title:<{w}}' + ''.join(fmt(results[c][key]) for c in cols))
-    return '\n'.join(lines)
+__all__ = ['OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'default_long_side', 'msc_flip_logits',
+           'infer_logits', 'crf_available', 'require_crf', 'dense_crf', 'to_uint8', 'pad_to_patch', 'cam_to_labels',
+           'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample', 'evaluate_dataset', 'val_miou',
+           'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
+           'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -106,13 +77,26 @@ def infer_logits(model, # anything with `.predict(images) -> logits` (a `WeCLIP`
 # %% ../nbs/10_evaluate.ipynb #aa12a506
 CRF_OFFICIAL = dict(n_iter=10, pos_xy_std=3, pos_w=3, bi_xy_std=64, bi_rgb_std=5, bi_w=4)  # official test_msc_flip_*.py
 
+def crf_available() -> bool:
+    "Whether DenseCRF (the optional `pydensecrf2` package, `pip install \"weclip[crf]\"`) can be imported."
+    try: import pydensecrf.densecrf                 # optional dependency: only --crf needs it
+    except ImportError: return False
+    return True
+
+def require_crf():
+    "One clear error when --crf is asked for without pydensecrf2 installed."
+    if not crf_available():
+        raise EvalError('--crf needs DenseCRF, which is not installed: pip install "weclip[crf]" (the pydensecrf2 '
+                        'package; it compiles from source, so it needs a C++ compiler), or drop --crf.')
+
 def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
               probs: np.ndarray | torch.Tensor, # (K,H,W) class probabilities (softmax of the logits)
               n_iter: int = 10, pos_xy_std: float = 3, pos_w: float = 3, # Gaussian kernel: θ_γ, w_2
               bi_xy_std: float = 64, bi_rgb_std: float = 5, bi_w: float = 4, # bilateral kernel: θ_α, θ_β, w_1
              ) -> np.ndarray:
     "Mean-field DenseCRF marginals (K,H,W) of `probs` on `image`, with the official parameters by default."
-    import pydensecrf.densecrf as dcrf
+    require_crf()
+    import pydensecrf.densecrf as dcrf               # optional dependency: pip install "weclip[crf]"
     from pydensecrf.utils import unary_from_softmax
     probs = probs.detach().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs)
     image = np.asarray(image)
@@ -160,7 +144,6 @@ def cam_labels(model, # a `WeCLIP`
                labels: torch.Tensor, # (B,C) image-level labels
               ) -> torch.Tensor:
     "Labels (B,H,W) of the initial CAM M_init alone (no decoder, no PAR), via `cam_to_labels`."
-    from weclip.cam import initial_cam
     H, W = images.shape[-2:]
     dev = model.fg_text.device
     x, _ = pad_to_patch(images.to(dev), model.backbone.patch_size)
@@ -222,7 +205,6 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      progress: bool = True,
                     ) -> dict:
     "Predict every image of `dataset`, save palette PNGs, and measure mIoU etc. of each result against its masks."
-    from tqdm.auto import tqdm
     if source not in SOURCES: raise EvalError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
     if crf and source != 'seg': raise EvalError("--crf refines the segmentation only: drop --crf, or use --source seg.")
     test = getattr(dataset, 'is_test', False) or not getattr(dataset, 'with_masks', True)
@@ -244,38 +226,71 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
     return dict(images=n, seconds=dt, images_per_s=n / max(dt, 1e-9), predictions=None if save is None else str(save),
                 results={k: seg_metrics(c, names) for k, c in confs.items()})
 
+# %% ../nbs/10_evaluate.ipynb #0ad3122e
+@torch.no_grad()
+def val_miou(model, dataset, max_images: int = 0, device='cpu') -> dict:
+    "mIoU of `model.predict` on `dataset` (full-size images, one at a time), over the first `max_images` (0: all)."
+    K = model.n_classes
+    conf = torch.zeros(K, K, dtype=torch.long)
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    for i in range(n):
+        s = collate([dataset[i]])
+        H, W = s['image'].shape[-2:]
+        logits = model.predict(s['image'].to(device))
+        conf += confusion(logits.argmax(1)[0, :H, :W].cpu(), s['mask'][0], K)
+    m, iou = miou(conf)
+    return dict(miou=m, iou=iou.tolist(), images=n)
+
+# %% ../nbs/10_evaluate.ipynb #2f255b70
+def pseudo_subset(cfg: TrainConfig):
+    "`cfg.pseudo_images` training images spread over the split, full size with masks; None (and why) if off or maskless."
+    if not cfg.pseudo_images: return None, 'pseudo_images is 0'
+    try: ds = (COCO if cfg.dataset == 'coco' else VOC)(Path(cfg.data_root).expanduser(), cfg.train_split,
+                                                        transform=EvalTransform(norm=cfg.norm), with_masks=True)
+    except DatasetError as e: return None, f'the training split has no masks to score against ({e})'
+    n = min(cfg.pseudo_images, len(ds))
+    return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()), None
+
+@torch.no_grad()
+def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu') -> dict:
+    "mIoU of the initial-CAM labels and of the online pseudo labels M_p (RFM as at `iteration`) against `dataset`'s masks."
+    K = model.n_classes
+    conf = dict(cam=torch.zeros(K, K, dtype=torch.long), pseudo=torch.zeros(K, K, dtype=torch.long))
+    for i in range(len(dataset)):
+        s = collate([dataset[i]])
+        M_p, cam = pseudo_labels_of(model, s['image'].to(device), s['labels'], iteration=iteration, with_cam=True)
+        conf['pseudo'] += confusion(M_p[0].cpu(), s['mask'][0], K)
+        conf['cam'] += confusion(cam[0].cpu(), s['mask'][0], K)
+    (cam, _), (pseudo, iou) = miou(conf['cam']), miou(conf['pseudo'])
+    return dict(cam_miou=cam, pseudo_miou=pseudo, pseudo_iou=iou.tolist())
+
 # %% ../nbs/10_evaluate.ipynb #62c711a2
 def class_list(cfg) -> list[str]:
     "Foreground class names of a `TrainConfig`'s dataset, in mask order."
-    if cfg.dataset == 'voc':
-        from weclip.prompts import VOC_CLASSES; return list(VOC_CLASSES)
-    if cfg.dataset == 'coco':
-        from weclip.data import COCO_CATEGORIES; return list(COCO_CATEGORIES)
+    if cfg.dataset == 'voc': return list(VOC_CLASSES)
+    if cfg.dataset == 'coco': return list(COCO_CATEGORIES)
     label_file = Path(cfg.data_root) / 'ImageSets' / 'Segmentation' / 'cls_labels.json'
-    if label_file.is_file():
-        from weclip.data import read_label_file; return read_label_file(label_file)[0]
-    from weclip.toy import SHAPES; return list(SHAPES)
+    return read_label_file(label_file)[0] if label_file.is_file() else list(SHAPES)
 
 def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.train`
-               device: str | None = None, # default: CUDA when available, else the CPU
+               device: str | None = None, # auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:N
                data_root: str | None = None, # override the saved data folder
-               clip_weights: str | None = None, # override the saved CLIP weights (tag or local file)
+               weights: str | None = None, # override the saved CLIP weights (tag or local file)
               ):
     "The trained WeCLIP of a checkpoint in eval mode, its `TrainConfig` and the class names (background first)."
-    from weclip.train import TrainConfig, load_checkpoint
-    from weclip.model import WeCLIP
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, missing='Pass --checkpoint the last.pt or best.pt in the --out-dir of a '
+                            '`python -m weclip.train` run.', damaged='Pass another checkpoint of the run (best.pt or last.pt).')
     if not isinstance(state, dict) or not {'model', 'config'} <= set(state):
         raise EvalError(f"{checkpoint} is not a weclip training checkpoint (it has no 'model' and 'config'): pass the "
                         "last.pt or best.pt that `python -m weclip.train` wrote.")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in state['config'].items() if k in fields})
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if str(device).startswith('cuda') and not torch.cuda.is_available():
-        raise EvalError(f"--device {device} was asked for but PyTorch sees no CUDA GPU here: use --device cpu.")
-    cfg = dataclasses.replace(cfg, device=device, **({'data_root': str(data_root)} if data_root else {}),
-                              **({'weights': str(clip_weights)} if clip_weights else {}))
+    device = resolve_device(device or 'auto')
+    cfg = config_from_dict(state['config'], device=str(device), **({'data_root': str(data_root)} if data_root else {}),
+                           **({'weights': str(weights)} if weights else {}))
     classes = class_list(cfg)
+    if state.get('classes') and list(state['classes']) != classes:   # checkpoints record their classes since 0.0.1
+        diff = next(f'{a!r} there, {b!r} here' for a, b in zip(state['classes'] + [None] * len(classes), classes + [None] * len(state['classes'])) if a != b)
+        raise EvalError(f"{checkpoint} was trained on other classes than {cfg.data_root} has ({len(state['classes'])} "
+                        f"there, {len(classes)} here; first difference: {diff}): pass the --data-root it was trained on.")
     with torch.random.fork_rng(devices=[]):   # a random-weight backbone ('none') comes out as the trainer built it
         torch.manual_seed(cfg.seed)
         model = WeCLIP.from_config(cfg, classes=classes).to(device)
@@ -296,8 +311,9 @@ def add_inference_options(ap: argparse.ArgumentParser):
                     + ', '.join(f'{k}={v}' for k, v in CRF_OFFICIAL.items()) + ')')
     ap.add_argument('--resize-long', type=int, default=None, help='resize the long side to this first '
                     '(default: 512 for VOC/COCO as the official test, none for the toy world; 0: never)')
-    ap.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default: cuda when available)')
-    ap.add_argument('--clip-weights', default=None, help="CLIP weights instead of the checkpoint's: an open_clip "
+    ap.add_argument('--device', default='auto', help='auto (CUDA when available, else the CPU), cpu, cuda or cuda:N '
+                    '(default: %(default)s)')
+    ap.add_argument('--weights', default=None, help="CLIP weights instead of the checkpoint's: an open_clip "
                     'tag or a local file such as ViT-B-16.pt')
     return ap
 
@@ -320,9 +336,9 @@ def run_evaluation(a: argparse.Namespace) -> dict:
     "Do what the parsed evaluate command line asks; return the results written to OUT/results.json."
     if a.split == 'test' and a.source != 'seg': raise EvalError(_NO_LABELS.format(source=a.source))
     if a.crf and a.source != 'seg': raise EvalError("--crf refines the segmentation only: drop --crf, or use --source seg.")
-    model, cfg, names = load_model(a.checkpoint, device=a.device, data_root=a.data_root, clip_weights=a.clip_weights)
+    if a.crf: require_crf()
+    model, cfg, names = load_model(a.checkpoint, device=a.device, data_root=a.data_root, weights=a.weights)
     split = a.split or cfg.val_split
-    from weclip.data import VOC, COCO, EvalTransform
     ds = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, split, transform=EvalTransform(norm=cfg.norm),
                                                   with_masks=None if split == 'test' else True)
     long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long

@@ -12,6 +12,7 @@ from .cam import initial_cam, box_mask
 from .decoder import Decoder, affinity, count_params
 from .rfm import refine_cam, pseudo_labels
 from .losses import weclip_loss
+from .config import resolve_device
 
 # %% auto #0
 __all__ = ['WeCLIP', 'time_step']
@@ -60,7 +61,8 @@ class WeCLIP(nn.Module):
 def _from_config(cls, cfg, classes=None) -> WeCLIP:
     "The WeCLIP model of a `TrainConfig` (`classes`: the dataset's class names, used for the toy world)."
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
-    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=cfg.device)
+    device = resolve_device(cfg.device)              # 'auto' or 'cuda' -> an indexed torch.device
+    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device)
     tok = open_clip.get_tokenizer(cfg.model)
     if cfg.dataset in ('voc', 'coco'):
         fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
@@ -69,8 +71,8 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
         if not classes: raise ValueError("The toy world's class names are needed: pass classes=dataset.classes.")
         fg, bg = tuple(classes), TEXTURES
     tpl = prompt_templates(cfg.variant)
-    fg_text = text_features(backbone.clip, tok, fg, tpl, device=cfg.device)
-    bg_text = text_features(backbone.clip, tok, bg, tpl, device=cfg.device)
+    fg_text = text_features(backbone.clip, tok, fg, tpl, device=device)
+    bg_text = text_features(backbone.clip, tok, bg, tpl, device=device)
     return cls(backbone, fg_text, bg_text, variant=cfg.variant, decoder_blocks=cfg.decoder_blocks,
                decoder_dim=cfg.decoder_dim, rfm_start=cfg.rfm_start, rfm_layers=cfg.rfm_layers,
                box_threshold=cfg.box_threshold, aff_weight=cfg.aff_weight, aff_radius=cfg.aff_radius,

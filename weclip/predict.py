@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 from .data import write_mask, voc_palette, normalize, read_image
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
-                             add_inference_options, EvalError)
+                             add_inference_options, EvalError, require_crf)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'find_images', 'read_rgb', 'overlay', 'predict_images', 'predict_cli']
@@ -53,7 +54,6 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
                    long_side: int | None = None, norm: str = 'imagenet', progress: bool = True,
                   ) -> list[dict]:
     "Segment each image: `<stem>.png` palette mask and `<stem>_overlay.jpg` in `out_dir`; returns what was written."
-    from tqdm.auto import tqdm
     images = [(p, read_rgb(p)) for p in paths]               # every file checked before any work
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.eval(); dev = model.fg_text.device
@@ -80,7 +80,8 @@ def predict_cli(argv=None):
     a = ap.parse_args(argv)
     try:
         paths = find_images(a.images)
-        model, cfg, names = load_model(a.checkpoint, device=a.device, clip_weights=a.clip_weights)
+        if a.crf: require_crf()
+        model, cfg, names = load_model(a.checkpoint, device=a.device, weights=a.weights)
         long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
         t = time.perf_counter()
         done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet)

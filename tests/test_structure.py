@@ -1,0 +1,45 @@
+"""The package's shape: no import cycle, the trainer on top, and imports inside functions only where they must be."""
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / 'weclip'
+OPTIONAL = ('matplotlib', 'pydensecrf', 'torch.utils.tensorboard', 'huggingface_hub')   # not needed to train or evaluate
+
+
+def modules():
+    return {p.stem: ast.parse(p.read_text()) for p in PKG.glob('*.py') if not p.stem.startswith('_')}
+
+
+def weclip_imports(tree, top_level=True):
+    "Names of the weclip modules a module imports (at module level, or inside functions)."
+    found = set()
+    nodes = tree.body if top_level else [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for node in (nodes if top_level else [x for f in nodes for x in ast.walk(f)]):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ''
+            if node.level == 1: found.add(mod.split('.')[0])
+            elif mod.startswith('weclip.'): found.add(mod.split('.')[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split('.')[1] for a in node.names if a.name.startswith('weclip.')}
+    return found
+
+
+def test_no_import_cycle_and_train_on_top():
+    mods = modules()
+    graph = {m: (weclip_imports(t) | weclip_imports(t, top_level=False)) & set(mods) for m, t in mods.items()}
+    state = {}
+    def visit(m, path):
+        if state.get(m) == 'done': return
+        assert state.get(m) != 'open', 'import cycle: ' + ' -> '.join(path + [m])
+        state[m] = 'open'
+        for n in sorted(graph[m]): visit(n, path + [m])
+        state[m] = 'done'
+    for m in sorted(graph): visit(m, [])
+    def below(m, seen=None):
+        seen = set() if seen is None else seen
+        for n in graph[m] - seen: seen.add(n); below(n, seen)
+        return seen
+    assert 'train' not in below('evaluate')
+    assert not [m for m in graph if 'train' in graph[m]], 'nothing imports the trainer'
+    for m in ('config', 'checkpoint', 'metrics'): assert m in below('train') and m in below('evaluate') | {'checkpoint'}
+
