@@ -69,17 +69,18 @@ def to_rgb(im:Image.Image, path='(in memory)') -> np.ndarray:
     "(H,W,3) uint8 RGB of a PIL image of any common mode, by its true range; `DatasetError` naming `path` otherwise."
     mode = im.mode
     if mode in ('P', 'L', 'RGB') and 'transparency' in im.info: im, mode = im.convert('RGBA'), 'RGBA'
+    if mode == 'La': im, mode = im.convert('LA'), 'LA'                    # premultiplied: PIL has no La→RGBA
     if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
         rgba = np.asarray(im.convert('RGBA'), np.float32); a = rgba[..., 3:] / 255
         return (rgba[..., :3] * a + np.float32(BACKGROUND) * (1 - a)).round().astype(np.uint8)
-    if mode in ('RGB', 'RGBX', 'L', '1', 'P', 'CMYK', 'YCbCr', 'HSV'): return np.asarray(im.convert('RGB'))
+    if mode in ('RGB', 'RGBX', 'L', '1', 'P', 'CMYK', 'YCbCr', 'HSV', 'LAB'): return np.asarray(im.convert('RGB'))
     why = f'pixel mode {mode}, which has no faithful RGB conversion here'
     if mode.startswith('I;16') or mode in ('I', 'F'):
         x, top = np.asarray(im), 1 if mode == 'F' else 65535
         lo, hi = (float(x.min()), float(x.max())) if x.size else (0., 0.)
         if 0 <= lo and hi <= top:                                          # False for NaN too
             return np.repeat(np.round(x.astype(np.float64) * (255 / top)).astype(np.uint8)[..., None], 3, -1)
-        why = f'{mode} greyscale values {lo:g}..{hi:g}, outside the 0..{top} that maps to 0..255'
+        why = f'pixel mode {mode} with greyscale values {lo:g}..{hi:g}, outside the 0..{top} that maps to 0..255'
     raise DatasetError(f'image {path} has {why}. Fix: save it as 8-bit RGB (PNG or JPEG).')
 
 def cap_long_side(image:np.ndarray, max_side:int) -> np.ndarray:
@@ -407,12 +408,12 @@ def loader(dataset:Dataset, batch_size:int, train:bool=True, num_workers:int=0, 
 _EXC_PREFIX = re.compile(r'(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ')  # 'weclip.data.DatasetError: ' before a message
 
 def one_line(exc:BaseException) -> str:
-    "The one-line message of `exc`, also when a DataLoader worker wrapped it in its stack trace."
+    "The one-line message of `exc`, also when a DataLoader worker wrapped it in its stack trace (bad-input errors lose the type)."
     msg = str(exc).strip()
     if 'Original Traceback' in msg:                     # torch's ExceptionWrapper: the last line is 'Type: message'
         last = [l for l in msg.splitlines() if l.strip()][-1].strip()
         m = _EXC_PREFIX.match(last)
-        return last[m.end():] if m else last
+        return last[m.end():] if m and isinstance(exc, (ValueError, OSError)) else last
     return _one(msg) or type(exc).__name__
 
 # %% ../nbs/06_data.ipynb #f394dd1c
