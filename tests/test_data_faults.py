@@ -1,5 +1,5 @@
 "Issue #15: every bad picture, mask or split file gives one `DatasetError` line naming the file; nothing silently wrong."
-import os
+import warnings
 import numpy as np
 import pytest
 import torch
@@ -237,6 +237,24 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)                               # 4096 > 2·1000: PIL refuses
     one_line_error(lambda: read_image(tmp_path / 'bomb.png'), 'bomb.png', 'decompression bomb',
                    'PIL.Image.MAX_IMAGE_PIXELS')
+
+
+def test_big_pictures_read_without_a_bomb_warning(tmp_path, monkeypatch):
+    Image.new('L', (64, 64), 9).save(tmp_path / 'big.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 3000)                               # 3000 < 4096 < 2·3000: a warning
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        np.testing.assert_array_equal(read_image(tmp_path / 'big.png'), np.full((64, 64, 3), 9, np.uint8))
+    assert not seen, [str(w.message) for w in seen]
+
+
+def test_upright_turns_by_the_exif_orientation(tmp_path):
+    a = np.zeros((16, 32, 3), np.uint8); a[:, 16:] = 255                              # black left, white right
+    exif = Image.Exif(); exif[0x0112] = 6                                               # shown turned 90° clockwise
+    Image.fromarray(a).save(tmp_path / 'phone.png', exif=exif)
+    np.testing.assert_array_equal(read_image(tmp_path / 'phone.png'), a)               # datasets: the stored pixels
+    up = read_image(tmp_path / 'phone.png', upright=True)
+    assert up.shape == (32, 16, 3) and up[:16].max() == 0 and up[16:].min() == 255     # black on top, as viewers show
 
 
 # ---- 5. corrupt files, also through DataLoader workers ----------------------------------------------------------

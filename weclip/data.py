@@ -4,13 +4,13 @@
 
 # %% ../nbs/06_data.ipynb #898862d2
 from __future__ import annotations
-import json, math, os, re, tempfile
+import json, math, os, re, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
@@ -92,10 +92,14 @@ def cap_long_side(image:np.ndarray, max_side:int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((max(1, round(w * r)), max(1, round(h * r))), Image.BILINEAR,
                                                     reducing_gap=3.0))
 
-def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|None=None) -> np.ndarray:
+def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|None=None, upright:bool=False
+              ) -> np.ndarray:
     "RGB image at `path` as a (H,W,3) uint8 array (long side capped at `max_side`); else a one-line `DatasetError`."
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():      # PIL warns from 89M pixels; it refuses (below) from 179M
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning); im = Image.open(path)
+        with im:
+            if upright: im = ImageOps.exif_transpose(im)   # as viewers show it (datasets: off, masks follow the pixels)
             w, h = im.size
             if min(w, h) < min_side:
                 raise DatasetError(f'image {path} is {w}x{h} pixels, below the smallest side weclip reads, '
