@@ -104,6 +104,9 @@ def test_one_bit_and_plain_modes(tmp_path):
 
 
 def test_in_memory_modes():
+    for mode, dtype in (('I;16L', '<u2'), ('I;16N', '=u2'), ('I;16B', '>u2')):
+        im = Image.frombytes(mode, (3, 1), np.array([0, 257, 65535], dtype).tobytes())
+        np.testing.assert_array_equal(to_rgb(im), grey([[0, 1, 255]]))
     np.testing.assert_array_equal(to_rgb(Image.new('HSV', (1, 1), (0, 255, 255))), [[[255, 0, 0]]])
     np.testing.assert_array_equal(to_rgb(Image.new('RGBa', (1, 1), (100, 50, 0, 255))), [[[100, 50, 0]]])
     np.testing.assert_array_equal(to_rgb(Image.new('La', (1, 1), (0, 0))), [[[255, 255, 255]]])
