@@ -4,19 +4,20 @@
 
 # %% ../nbs/06_data.ipynb #898862d2
 from __future__ import annotations
-import json, os, tempfile
+import json, math, os, re, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['COCO_CATEGORIES', 'IGNORE', 'NORMS', 'DatasetError', 'voc_palette', 'write_mask', 'read_image', 'read_mask',
-           'write_label_file', 'read_label_file', 'normalize', 'denormalize', 'random_crop', 'TrainTransform',
-           'EvalTransform', 'SegDataset', 'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader', 'plot_label_stats']
+__all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette', 'write_mask', 'to_rgb',
+           'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file', 'normalize',
+           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
+           'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
 from .prompts import VOC_CLASSES  # the 20 VOC names, in mask order (one list for the kit)
@@ -57,24 +58,81 @@ def write_mask(path, mask:np.ndarray):
 # %% ../nbs/06_data.ipynb #3aa1295c
 _FIX_VOC = 'prepare it with data_scripts/prepare_voc.py'
 _FIX_COCO = 'prepare it with data_scripts/prepare_coco.py'
+_FIX_IMAGE = 'replace the file from the original archive, or remove its name from the split file'
+_FIX_MASK = 'rebuild the masks with data_scripts/prepare_voc.py or prepare_coco.py'
+MIN_SIDE = 16                 # smallest image side read: one ViT-B/16 patch
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (white, as a viewer shows them on a page)
 
-def read_image(path, fix: str = 'replace the file from the original archive, or remove its name from the split file'
+def _one(text) -> str: return ' '.join(str(text).split())  # a message on one line
+
+def to_rgb(im:Image.Image, path='(in memory)') -> np.ndarray:
+    "(H,W,3) uint8 RGB of a PIL image of any common mode, by its true range; `DatasetError` naming `path` otherwise."
+    mode = im.mode
+    if mode in ('P', 'L', 'RGB') and 'transparency' in im.info: im, mode = im.convert('RGBA'), 'RGBA'
+    if mode == 'La': im, mode = im.convert('LA'), 'LA'                    # premultiplied: PIL has no La→RGBA
+    if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        rgba = np.asarray(im.convert('RGBA'), np.float32); a = rgba[..., 3:] / 255
+        return (rgba[..., :3] * a + np.float32(BACKGROUND) * (1 - a)).round().astype(np.uint8)
+    if mode in ('RGB', 'RGBX', 'L', '1', 'P', 'CMYK', 'YCbCr', 'HSV', 'LAB'): return np.asarray(im.convert('RGB'))
+    why = f'pixel mode {mode}, which has no faithful RGB conversion here'
+    if mode.startswith('I;16') or mode in ('I', 'F'):
+        x, top = np.asarray(im), 1 if mode == 'F' else 65535
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0., 0.)
+        if 0 <= lo and hi <= top:                                          # False for NaN too
+            return np.repeat(np.round(x.astype(np.float64) * (255 / top)).astype(np.uint8)[..., None], 3, -1)
+        why = f'pixel mode {mode} with greyscale values {lo:g}..{hi:g}, outside the 0..{top} that maps to 0..255'
+    raise DatasetError(f'image {path} has {why}. Fix: save it as 8-bit RGB (PNG or JPEG).')
+
+def cap_long_side(image:np.ndarray, max_side:int) -> np.ndarray:
+    "`image` (H,W,3) uint8 shrunk (antialiased bilinear) so its longer side is at most `max_side`; else unchanged."
+    if max_side < 1: raise ValueError(f'max_side must be a positive number of pixels, got {max_side}')
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side: return image
+    r = max_side / max(h, w)
+    return np.asarray(Image.fromarray(image).resize((max(1, round(w * r)), max(1, round(h * r))), Image.BILINEAR,
+                                                    reducing_gap=3.0))
+
+def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|None=None, upright:bool=False
               ) -> np.ndarray:
-    "RGB image at `path` as a (H,W,3) uint8 array; `DatasetError` naming the file and `fix` if it cannot be read."
+    "RGB image at `path` as a (H,W,3) uint8 array (long side capped at `max_side`); else a one-line `DatasetError`."
     try:
-        with Image.open(path) as im: return np.asarray(im.convert('RGB'))
+        with warnings.catch_warnings():      # PIL warns from 89M pixels; it refuses (below) from 179M
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning); im = Image.open(path)
+        with im:
+            if upright: im = ImageOps.exif_transpose(im)   # as viewers show it (datasets: off, masks follow the pixels)
+            w, h = im.size
+            if min(w, h) < min_side:
+                raise DatasetError(f'image {path} is {w}x{h} pixels, below the smallest side weclip reads, '
+                                   f'{min_side}. Fix: {fix}.')
+            if max_side and max(w, h) > max_side:   # a JPEG then decodes at 1/2, 1/4 or 1/8 scale directly
+                r = max_side / max(w, h); im.draft(im.mode, (math.ceil(w * r), math.ceil(h * r)))
+            rgb = to_rgb(im, path)
+    except DatasetError: raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f'cannot read image {path} ({_one(e)}). Fix: downscale it (a long side of a few '
+                           'thousand pixels is plenty), or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.') from None
     except Exception as e:
-        raise DatasetError(f'cannot read image {path} ({type(e).__name__}: {e}). Fix: {fix}.') from None
+        raise DatasetError(f'cannot read image {path} ({type(e).__name__}: {_one(e)}). Fix: {fix}.') from None
+    return cap_long_side(rgb, max_side) if max_side else rgb
 
-def read_mask(path) -> np.ndarray:
-    "Class-index mask at `path` (palette or greyscale PNG) as a (H,W) uint8 array."
+def read_mask(path, n_classes:int|None=None, label_file=None) -> np.ndarray:
+    "Class-index mask at `path` (palette or greyscale PNG) as (H,W) uint8; values checked < `n_classes` (or 255)."
     try:
         with Image.open(path) as im:
             if im.mode not in ('P', 'L'): raise ValueError(f'mode {im.mode}, expected a palette (P) or L PNG of class indices')
-            return np.asarray(im)
+            mask = np.asarray(im)
     except Exception as e:
-        raise DatasetError(f'cannot read mask {path} ({type(e).__name__}: {e}). Fix: rebuild the masks with '
-                           'data_scripts/prepare_voc.py or prepare_coco.py.') from None
+        raise DatasetError(f'cannot read mask {path} ({type(e).__name__}: {_one(e)}). Fix: {_FIX_MASK}.') from None
+    if n_classes is not None:
+        bad = (mask >= n_classes) & (mask != IGNORE)
+        if bad.any():
+            vals, n = np.unique(mask[bad]).tolist(), int(bad.sum())
+            of = f' of {label_file}' if label_file else ''
+            raise DatasetError(f'mask {path} has value{"s" * (len(vals) > 1)} {", ".join(map(str, vals[:5]))} in '
+                               f'{n} pixel{"s" * (n > 1)}, outside the valid 0..{n_classes - 1} (background and the '
+                               f'{n_classes - 1} classes{of}; 255 = ignore). Fix: {_FIX_MASK}, or use the label file '
+                               'whose class list matches them.')
+    return mask
 
 # %% ../nbs/06_data.ipynb #c411e210
 def write_label_file(path, classes:list[str], labels:dict[str, list[int]]):
@@ -200,7 +258,13 @@ class SegDataset(Dataset):
         if not split_file.is_file():
             have = sorted(p.stem for p in sets.glob('*.txt'))
             raise DatasetError(f'split file {split_file} not found (splits here: {have}). Fix: {fix}.')
-        self.names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
+        try: self.names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f'split file {split_file} cannot be read as text ({type(e).__name__}: {_one(e)}). '
+                               f'Fix: write one image name per line into it, or {fix}.') from None
+        if not self.names:
+            raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
+                               f'Fix: write one image name per line into it, or {fix}.')
         self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
         self.is_test = split == 'test'                                      # VOC test: images only
         if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)
@@ -249,7 +313,8 @@ class SegDataset(Dataset):
     def __getitem__(self, index:int) -> dict:
         name = self.names[index]
         image = read_image(self.img_dir / f'{name}.jpg')
-        mask = read_mask(self.mask_path(name)) if self.with_masks else None
+        K = None if self.classes is None else len(self.classes) + 1          # mask values 0..K-1, or 255
+        mask = read_mask(self.mask_path(name), K, self.label_file) if self.with_masks else None
         if mask is not None and mask.shape != image.shape[:2]:
             raise DatasetError(f'mask {self.mask_path(name)} is {mask.shape}, its image is {image.shape[:2]}. '
                                'Fix: rebuild the masks.')
@@ -342,6 +407,18 @@ def loader(dataset:Dataset, batch_size:int, train:bool=True, num_workers:int=0, 
     "A `DataLoader` with `collate`; `train`: shuffled by a generator seeded with `seed`, last partial batch dropped."
     return DataLoader(dataset, batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
                       collate_fn=collate, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+# %% ../nbs/06_data.ipynb #b7e1a002
+_EXC_PREFIX = re.compile(r'(?:[A-Za-z_]\w*\.)*[A-Z]\w*: ')  # 'weclip.data.DatasetError: ' before a message
+
+def one_line(exc:BaseException) -> str:
+    "The one-line message of `exc`, also when a DataLoader worker wrapped it in its stack trace (bad-input errors lose the type)."
+    msg = str(exc).strip()
+    if 'Original Traceback' in msg:                     # torch's ExceptionWrapper: the last line is 'Type: message'
+        last = [l for l in msg.splitlines() if l.strip()][-1].strip()
+        m = _EXC_PREFIX.match(last)
+        return last[m.end():] if m and isinstance(exc, (ValueError, OSError)) else last
+    return _one(msg) or type(exc).__name__
 
 # %% ../nbs/06_data.ipynb #f394dd1c
 def plot_label_stats(dataset:SegDataset, axes=None):
