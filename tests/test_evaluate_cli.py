@@ -135,3 +135,40 @@ def test_crf_is_an_optional_extra(run_dir, monkeypatch):
         assert 'pip install "weclip[crf]"' in str(e.value) and '\n' not in str(e.value), str(e.value)
     doc = evaluate_cli(['--checkpoint', ck, '--quiet', '--max-images', '1', '--out', str(run_dir / 'nocrf')])
     assert list(doc['results']) == ['seg']
+
+
+def test_predict_keeps_the_users_pictures(run_dir):
+    """--out never writes over a picture, and a second run into a folder inside the input does not read its own masks."""
+    from weclip.predict import predict_cli
+    ck = str(run_dir / 'run' / 'last.pt')
+    pics = run_dir / 'mine'; pics.mkdir()
+    Image.open(run_dir / 'toy' / 'JPEGImages' / 'toy_val_000000.jpg').save(pics / 'a.png')
+    before = (pics / 'a.png').read_bytes()
+    with pytest.raises(SystemExit) as e: predict_cli(['--checkpoint', ck, str(pics / 'a.png'), '--out', str(pics), '--quiet'])
+    assert 'would write a.png over the input picture' in str(e.value)
+    with pytest.raises(SystemExit) as e: predict_cli(['--checkpoint', ck, str(pics), '--out', str(pics), '--quiet'])
+    assert 'is the input folder' in str(e.value)
+    assert (pics / 'a.png').read_bytes() == before
+    for _ in range(2):
+        done = predict_cli(['--checkpoint', ck, str(pics), '--out', str(pics / 'masks'), '--quiet', '--no-flip', '--scales', '1'])
+        assert [d['image'] for d in done] == [str(pics / 'a.png')]
+    assert (pics / 'a.png').read_bytes() == before
+
+
+def test_predict_odd_pictures(run_dir):
+    """A 16-bit PNG is the picture (not white), a 1x1 picture gets one line, a huge one is read capped."""
+    from weclip.predict import predict_cli
+    ck = str(run_dir / 'run' / 'last.pt')
+    d = run_dir / 'odd'; d.mkdir()
+    g = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    Image.fromarray(g).save(d / 'deep.png')
+    assert Image.open(d / 'deep.png').mode.startswith('I')
+    Image.new('RGB', (3000, 2500), (40, 90, 200)).save(d / 'huge.jpg')
+    done = predict_cli(['--checkpoint', ck, str(d / 'deep.png'), str(d / 'huge.jpg'), '--out', str(run_dir / 'odd_out'),
+                        '--quiet', '--no-flip', '--scales', '1', '--max-side', '512'])
+    over = np.asarray(Image.open(done[0]['overlay']).convert('L'), np.float32)
+    assert over.max() - over.min() > 100                     # the gradient, not an all-white picture
+    assert tuple(done[1]["size"]) == (427, 512)                # 2500 * 512 / 3000 = 426.7, rounded
+    Image.new('RGB', (1, 1)).save(d / 'dot.png')
+    r = run('predict', '--checkpoint', ck, str(d / 'dot.png'), '--out', str(run_dir / 'odd_out2'))
+    assert r.returncode != 0 and 'is 1x1 pixels' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]

@@ -163,3 +163,16 @@ def test_more_bad_input(toy, tmp_path, args, message):
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     assert 'Traceback' not in r.stderr
     assert not Path('/tmp/weclip-no-such-toy-world').exists()
+
+
+def test_corrupt_picture_with_loader_workers_is_one_line(toy, tmp_path):
+    """A DataLoader worker's error reaches the user as the one line it was, not as the worker's traceback."""
+    import shutil
+    root = tmp_path / 'toy'; shutil.copytree(toy, root)
+    first = (root / 'ImageSets' / 'Segmentation' / 'train.txt').read_text().split()[0]
+    for p in (root / 'JPEGImages').glob(first + '.*'): p.write_bytes(b'not a picture')
+    r = run(*ARGS, '--data-root', str(root), '--out-dir', str(tmp_path / 'w'), '--num-workers', '1', '--batch-size', '8',
+            '--iters', '1', '--eval-every', '100')
+    assert r.returncode != 0 and 'cannot read image' in r.stderr and first in r.stderr, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr and 'DataLoader worker' not in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

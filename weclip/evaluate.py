@@ -10,7 +10,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import (IGNORE, VOC, COCO, COCO_CATEGORIES, EvalTransform, DatasetError, collate, read_label_file,
-                         write_mask, denormalize)
+                         write_mask, denormalize, one_line)
 from .prompts import VOC_CLASSES
 from .toy import SHAPES
 from .cam import initial_cam
@@ -20,11 +20,11 @@ from .checkpoint import load_checkpoint
 from .metrics import confusion, miou, seg_metrics, iou_table
 
 # %% auto #0
-__all__ = ['OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'default_long_side', 'msc_flip_logits',
-           'infer_logits', 'crf_available', 'require_crf', 'dense_crf', 'to_uint8', 'pad_to_patch', 'cam_to_labels',
-           'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample', 'evaluate_dataset', 'val_miou',
-           'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
-           'run_evaluation', 'evaluate_cli']
+__all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'inference_long_side',
+           'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available', 'require_crf', 'dense_crf',
+           'to_uint8', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample',
+           'evaluate_dataset', 'val_miou', 'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model',
+           'add_inference_options', 'evaluate_parser', 'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -34,8 +34,19 @@ def resize_long(images: torch.Tensor, # (B,3,H,W)
     if not long_side: return images
     H, W = images.shape[-2:]
     r = long_side / max(H, W)
-    size = (int(H * r), int(W * r))
+    size = (max(1, int(H * r)), max(1, int(W * r)))   # a 16x6000 strip keeps a row
     return images if size == (H, W) else F.interpolate(images, size=size, mode='bilinear', align_corners=False)
+
+MAX_GRID = 64  # the longest side inference runs at, in patches: 1024 px for ViT-B/16, 512 for the toy CLIP
+
+def inference_long_side(model, # a `WeCLIP` (anything with `.backbone.patch_size`)
+                        size: tuple[int, int], # (H,W) of the image
+                        long_side: int | None = None, # asked for (None: the image's own)
+                       ) -> int | None:
+    "`long_side`, capped at `MAX_GRID` patches: attention memory grows with the fourth power of the side."
+    patch = getattr(getattr(model, 'backbone', None), 'patch_size', None)
+    side = long_side or max(size)
+    return MAX_GRID * patch if patch and side > MAX_GRID * patch else long_side
 
 def default_long_side(dataset: str) -> int | None:
     "The official 512 for VOC and COCO; none for the toy world, whose images are at its training scale already."
@@ -56,7 +67,9 @@ def msc_flip_logits(predict, # images (B,3,H,W) -> logits (B,K,H,W) at the input
     B, _, H, W = images.shape
     total = 0.
     for s in scales:
-        x = images if s == 1 else F.interpolate(images, scale_factor=s, mode='bilinear', align_corners=False)
+        if s == 1: x = images
+        elif min(H, W) * s >= 1: x = F.interpolate(images, scale_factor=s, mode='bilinear', align_corners=False)
+        else: x = F.interpolate(images, size=(max(1, int(H * s)), max(1, int(W * s))), mode='bilinear', align_corners=False)
         l = predict(torch.cat([x, x.flip(-1)]) if flip else x).float()
         l = F.interpolate(l, size=(H, W), mode='bilinear', align_corners=False)
         total = total + (l[:B] + l[B:].flip(-1) if flip else l)
@@ -67,11 +80,11 @@ def msc_flip_logits(predict, # images (B,3,H,W) -> logits (B,K,H,W) at the input
 def infer_logits(model, # anything with `.predict(images) -> logits` (a `WeCLIP`)
                  images: torch.Tensor, # (B,3,H,W) normalised images
                  scales=OFFICIAL_SCALES, flip: bool = True,
-                 long_side: int | None = None, # resize the long side to this first (official 512 for VOC/COCO)
+                 long_side: int | None = None, # resize the long side to this first (official 512 for VOC/COCO; capped)
                 ) -> torch.Tensor:
     "Segmentation logits (B,K,H,W) at the images' own size: long-side resize, scales + flips averaged, resized back."
     H, W = images.shape[-2:]
-    logits = msc_flip_logits(model.predict, resize_long(images, long_side), scales, flip)
+    logits = msc_flip_logits(model.predict, resize_long(images, inference_long_side(model, (H, W), long_side)), scales, flip)
     return logits if logits.shape[-2:] == (H, W) else F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
 
 # %% ../nbs/10_evaluate.ipynb #aa12a506
@@ -188,7 +201,7 @@ def predict_sample(model, sample: dict, source: str = 'seg', scales=OFFICIAL_SCA
     else:
         if sample.get('labels') is None: raise EvalError(_NO_LABELS.format(source=source))
         fn = cam_labels if source == 'cam' else pseudo_labels_of
-        m = fn(model, resize_long(image, long_side), sample['labels'][None])
+        m = fn(model, resize_long(image, inference_long_side(model, (H, W), long_side)), sample['labels'][None])
         out = {source: F.interpolate(m[:, None].float(), size=(H, W), mode='nearest')[0, 0]}
     return {k: v.cpu().to(torch.uint8) for k, v in out.items()}
 
@@ -229,15 +242,14 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
 # %% ../nbs/10_evaluate.ipynb #0ad3122e
 @torch.no_grad()
 def val_miou(model, dataset, max_images: int = 0, device='cpu') -> dict:
-    "mIoU of `model.predict` on `dataset` (full-size images, one at a time), over the first `max_images` (0: all)."
+    "Single-scale mIoU of the segmentation on `dataset` (full-size images, one at a time), the first `max_images` (0: all)."
     K = model.n_classes
     conf = torch.zeros(K, K, dtype=torch.long)
     n = len(dataset) if not max_images else min(max_images, len(dataset))
     for i in range(n):
         s = collate([dataset[i]])
-        H, W = s['image'].shape[-2:]
-        logits = model.predict(s['image'].to(device))
-        conf += confusion(logits.argmax(1)[0, :H, :W].cpu(), s['mask'][0], K)
+        logits = infer_logits(model, s['image'].to(device), scales=(1.0,), flip=False)   # the size capped, as everywhere
+        conf += confusion(logits.argmax(1)[0].cpu(), s['mask'][0], K)
     m, iou = miou(conf)
     return dict(miou=m, iou=iou.tolist(), images=n)
 
@@ -355,7 +367,7 @@ def evaluate_cli(argv=None):
     "`python -m weclip.evaluate`: print the per-class table and mIoU, write OUT/results.json and the predictions."
     a = evaluate_parser().parse_args(argv)
     try: doc = run_evaluation(a)
-    except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {e}')
+    except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     if doc['results']: print(iou_table(doc['results']))
     else: print(f"split {doc['split']} has no masks: nothing measured. For the PASCAL evaluation server: "
                 f"cd {doc['out']} && tar -czf results.tgz results")

@@ -10,22 +10,30 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from .data import write_mask, voc_palette, normalize, read_image
+from .data import write_mask, voc_palette, normalize, read_image, one_line
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
                              add_inference_options, EvalError, require_crf)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'find_images', 'read_rgb', 'overlay', 'predict_images', 'predict_cli']
+__all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'overlay', 'predict_images', 'predict_cli']
 
 # %% ../nbs/10b_predict.ipynb #23ce779a
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif')
 
-def find_images(paths: list) -> list[Path]:
-    "Image files among `paths` (files, and the image files of folders, sorted); `EvalError` for anything else."
-    found = []
+def _inside(p: Path, folder: Path | None) -> bool:
+    return folder is not None and (p.resolve() == folder or folder in p.resolve().parents)
+
+def find_images(paths: list, # image files and folders
+                out_dir=None, # the output folder: never read as input (a second run must not segment its own masks)
+               ) -> list[Path]:
+    "Image files among `paths` (files, and the image files of folders, sorted, `out_dir` left out); `EvalError` for anything else."
+    found, out = [], Path(out_dir).resolve() if out_dir is not None else None
     for p in map(Path, paths):
         if p.is_dir():
-            imgs = sorted(q for q in p.rglob('*') if q.is_file() and q.suffix.lower() in IMAGE_EXTS)
+            if _inside(p, out):
+                raise EvalError(f"--out {out_dir} is the input folder {p} or holds it: masks would land among the pictures "
+                                "and be read as pictures next time. Choose a separate --out folder.")
+            imgs = sorted(q for q in p.rglob('*') if q.is_file() and q.suffix.lower() in IMAGE_EXTS and not _inside(q, out))
             if not imgs: raise EvalError(f"No images in folder {p} (looked for {', '.join(IMAGE_EXTS)}): pass image "
                                          "files or a folder that holds some.")
             found += imgs
@@ -33,9 +41,25 @@ def find_images(paths: list) -> list[Path]:
         else: raise EvalError(f"{p} does not exist: pass image files or folders of images.")
     return found
 
-def read_rgb(path) -> np.ndarray:
-    "(H,W,3) uint8 RGB of an image file; a `DatasetError` naming the file if it is not a readable image."
-    return read_image(path, fix='pass JPEG/PNG pictures, or remove it from the folder')
+MAX_SIDE = 2048  # photos are read with their long side at most this (a 6000x6000 photo would need GBs of logits)
+
+def read_rgb(path, max_side: int | None = MAX_SIDE) -> np.ndarray:
+    "(H,W,3) uint8 RGB of an image file, upright as viewers show it, long side capped; a `DatasetError` naming the file."
+    return read_image(path, fix='pass JPEG/PNG pictures, or remove it from the folder', upright=True, max_side=max_side)
+
+def output_paths(paths: list[Path], out_dir) -> list[tuple[Path, Path]]:
+    "(mask, overlay) paths in `out_dir` for each image; an `EvalError` if one would overwrite an input picture."
+    out, stems, res = Path(out_dir), set(), []
+    inputs = {p.resolve(): p for p in paths}
+    for i, p in enumerate(paths):
+        stem = p.stem if p.stem not in stems else f'{p.stem}_{i}'; stems.add(stem)
+        pair = (out / f'{stem}.png', out / f'{stem}_overlay.jpg')
+        for o in pair:
+            if o.resolve() in inputs:
+                raise EvalError(f"--out {out_dir} would write {o.name} over the input picture {inputs[o.resolve()]}: "
+                                "choose an --out folder that holds none of the pictures.")
+        res.append(pair)
+    return res
 
 def overlay(image: np.ndarray, # (H,W,3) uint8
             mask: np.ndarray, # (H,W) class indices
@@ -52,19 +76,21 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
                    out_dir, # where masks and overlays go
                    scales=OFFICIAL_SCALES, flip: bool = True, crf: bool = False,
                    long_side: int | None = None, norm: str = 'imagenet', progress: bool = True,
+                   max_side: int | None = MAX_SIDE, # read photos with their long side at most this
                   ) -> list[dict]:
     "Segment each image: `<stem>.png` palette mask and `<stem>_overlay.jpg` in `out_dir`; returns what was written."
-    images = [(p, read_rgb(p)) for p in paths]               # every file checked before any work
+    outputs = output_paths(paths, out_dir)                   # nothing is written over an input
+    for p in paths: read_rgb(p, max_side)                    # every file checked before any work
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.eval(); dev = model.fg_text.device
-    done, stems = [], set()
-    for p, rgb in tqdm(images, desc='predict', disable=not progress, dynamic_ncols=True):
+    done = []
+    for p, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict', disable=not progress, dynamic_ncols=True):
+        rgb = read_rgb(p, max_side)
         logits = infer_logits(model, normalize(rgb, norm)[None].to(dev), scales, flip, long_side)[0]
         mask = (dense_crf(rgb, logits.softmax(0)) if crf else logits.cpu().numpy()).argmax(0).astype(np.uint8)
-        stem = p.stem if p.stem not in stems else f'{p.stem}_{len(done)}'; stems.add(stem)
-        write_mask(out_dir / f'{stem}.png', mask)
-        Image.fromarray(overlay(rgb, mask)).save(out_dir / f'{stem}_overlay.jpg', quality=90)
-        done.append(dict(image=str(p), mask=str(out_dir / f'{stem}.png'), overlay=str(out_dir / f'{stem}_overlay.jpg'),
+        write_mask(mask_path, mask)
+        Image.fromarray(overlay(rgb, mask)).save(overlay_path, quality=90)
+        done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
     return done
 
@@ -75,17 +101,22 @@ def predict_cli(argv=None):
                                  'and an overlay picture per image.')
     ap.add_argument('images', nargs='+', help='image files or folders of images')
     add_inference_options(ap)
-    ap.add_argument('--out', default='predictions', help='output folder (default: %(default)s)')
+    ap.add_argument('--out', default='predictions', help='output folder, never read as input and never written over an '
+                    'input picture (default: %(default)s)')
+    ap.add_argument('--max-side', type=int, default=MAX_SIDE, help='read pictures with their long side at most this '
+                    'many pixels; masks and overlays come at that size (default: %(default)s; 0: the full size)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     a = ap.parse_args(argv)
     try:
-        paths = find_images(a.images)
+        paths = find_images(a.images, out_dir=a.out)
+        output_paths(paths, a.out)                          # before loading the model: a wrong --out fails at once
         if a.crf: require_crf()
         model, cfg, names = load_model(a.checkpoint, device=a.device, weights=a.weights)
         long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
         t = time.perf_counter()
-        done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet)
-    except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {e}')
+        done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
+                              a.max_side or None)
+    except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     for d in done: print(f"{d['image']}: {', '.join(names[c] for c in d['classes'])} -> {d['mask']}, {d['overlay']}")
     print(f'{len(done)} images in {time.perf_counter() - t:.1f}s; masks and overlays in {a.out}')
     return done

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import TrainConfig, PRESETS, TOY_WORLD, cache_dir, make_config, parse_config, describe_config, resolve_device
 from .checkpoint import save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state, RunLock
-from .data import VOC, COCO, TrainTransform, EvalTransform, collate
+from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line
 from .toy import write_toy_dataset
 from .model import WeCLIP
 from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, evaluate_dataset, iou_table,
@@ -318,7 +318,7 @@ def main(argv=None):
                   f"\nMeasure again: python -m weclip.evaluate --checkpoint {out / 'last.pt'} --source seg --crf")
     except Interrupted as e:
         print(e, file=sys.stderr); sys.exit(128 + e.signum)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e: sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e: sys.exit(f"error: {one_line(e)}")
 
 # %% ../nbs/11_train.ipynb #b472b6cd
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'weclip.train': main()
