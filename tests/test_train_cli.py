@@ -34,10 +34,11 @@ def test_help_lists_every_field():
     (('--batch-size', '0'), 'batch_size=0 is out of range'),
     (('--data-root', '/nonexistent/VOC2012', '--preset', 'voc', '--weights', 'none'), '/nonexistent/VOC2012'),
 ])
-def test_bad_input_one_clear_message(args, message):
-    r = run(*args)
+def test_bad_input_one_clear_message(args, message, tmp_path):
+    r = run(*args, '--out-dir', str(tmp_path / 'never'))
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     assert 'Traceback' not in r.stderr
+    assert not (tmp_path / 'never').exists()           # a run that fails at start leaves no folder behind
 
 
 def decoder_weights(out):

@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
-import argparse, dataclasses, json, sys, time
+import argparse, collections, dataclasses, importlib, json, multiprocessing, os, sys, time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
@@ -22,9 +23,10 @@ from .metrics import confusion, miou, seg_metrics, iou_table
 # %% auto #0
 __all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'inference_long_side',
            'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available', 'require_crf', 'dense_crf',
-           'to_uint8', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample',
-           'evaluate_dataset', 'val_miou', 'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model',
-           'add_inference_options', 'evaluate_parser', 'run_evaluation', 'evaluate_cli']
+           'to_uint8', 'crf_labels', 'available_cores', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels',
+           'pseudo_labels_of', 'EvalError', 'predict_sample', 'evaluate_dataset', 'val_miou', 'pseudo_subset',
+           'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser', 'run_evaluation',
+           'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -132,6 +134,36 @@ def to_uint8(image: torch.Tensor, # (3,H,W) normalised image
     "The (H,W,3) uint8 RGB picture behind a normalised image tensor (what DenseCRF needs)."
     return (denormalize(image.detach().cpu().float(), norm) * 255).round().byte().permute(1, 2, 0).numpy()
 
+# %% ../nbs/10_evaluate.ipynb #58a94cbf
+def crf_labels(image: np.ndarray, # (H,W,3) uint8 RGB
+               probs: np.ndarray, # (K,H,W) probabilities
+              ) -> np.ndarray:
+    "The labels (H,W) uint8 of `dense_crf`'s marginals: what a CRF worker computes for one image."
+    return dense_crf(image, probs).argmax(0).astype(np.uint8)
+
+def available_cores() -> int:
+    "CPU cores this process may run on (the affinity mask where the OS has one, as under a cluster's scheduler)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+class CRFPool:
+    "`crf_labels` on `workers` processes (0: every available core), results in submission order; 1: inline."
+    def __init__(self, workers: int = 0):
+        if workers < 0: raise ValueError(f"--crf-workers must be 0 (every core) or more, got {workers}.")
+        self.workers = workers or available_cores()
+        self.ex = None
+    def submit(self, image: np.ndarray, probs: np.ndarray) -> Future:
+        if self.workers == 1:
+            f = Future(); f.set_result(crf_labels(image, probs)); return f
+        if self.ex is None:   # spawn: the workers never inherit a CUDA context or the parent's threads
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context('spawn'))
+        fn = crf_labels   # a worker finds it by its module; run from a notebook, that is the package's copy
+        if fn.__module__ == '__main__': fn = importlib.import_module('weclip.evaluate').crf_labels
+        return self.ex.submit(fn, image, np.ascontiguousarray(probs, dtype=np.float32))
+    def close(self):
+        if self.ex is not None: self.ex.shutdown(cancel_futures=True); self.ex = None
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
 # %% ../nbs/10_evaluate.ipynb #95d1d1b7
 def pad_to_patch(images: torch.Tensor, # (B,3,H,W)
                  patch: int, # the backbone's patch size
@@ -190,13 +222,18 @@ _NO_LABELS = ("--source {source} needs image-level labels, and this split has no
               "seg, or a labelled split such as val.")
 
 def predict_sample(model, sample: dict, source: str = 'seg', scales=OFFICIAL_SCALES, flip: bool = True,
-                   crf: bool = False, long_side: int | None = None, norm: str = 'imagenet') -> dict:
+                   crf: bool = False, long_side: int | None = None, norm: str = 'imagenet',
+                   crf_pool: CRFPool | None = None, # run the CRF there: 'seg+crf' is then a Future of its labels
+                  ) -> dict:
     "Predicted masks (H,W) uint8 of one dataset sample at its original size: 'seg' (and 'seg+crf') or `source`."
     image = sample['image'][None]
     H, W = image.shape[-2:]
     if source == 'seg':
         logits = infer_logits(model, image, scales, flip, long_side)[0]
         out = {'seg': logits.argmax(0)}
+        if crf and crf_pool is not None:
+            return {'seg': out['seg'].cpu().to(torch.uint8),
+                    'seg+crf': crf_pool.submit(to_uint8(sample['image'], norm), logits.softmax(0).cpu().numpy())}
         if crf: out['seg+crf'] = torch.from_numpy(dense_crf(to_uint8(sample['image'], norm), logits.softmax(0)).argmax(0))
     else:
         if sample.get('labels') is None: raise EvalError(_NO_LABELS.format(source=source))
@@ -216,6 +253,7 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      max_images: int = 0, # first N images only (0: all)
                      norm: str = 'imagenet', # the dataset's pixel statistics (to recover RGB for the CRF)
                      progress: bool = True,
+                     crf_workers: int = 0, # processes for DenseCRF (0: every available core; 1: inline)
                     ) -> dict:
     "Predict every image of `dataset`, save palette PNGs, and measure mIoU etc. of each result against its masks."
     if source not in SOURCES: raise EvalError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
@@ -227,14 +265,18 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
     K = len(names)
     confs = {}
     save = None if out_dir is None else Path(out_dir) / (VOC_TEST_DIR if test else 'pred')
-    t0 = time.perf_counter()
-    for i in tqdm(range(n), desc=f'evaluate {source}', disable=not progress, dynamic_ncols=True):
-        s = dataset[i]
-        preds = predict_sample(model, s, source, scales, flip, crf, long_side, norm)
+    def finish(s, preds):   # the CRF's labels may still be computing in a worker
+        preds = {k: torch.from_numpy(v.result()) if isinstance(v, Future) else v for k, v in preds.items()}
         if not test:
-            for k, p in preds.items():
-                confs[k] = confs.get(k, 0) + confusion(p.long(), s['mask'], K)
+            for k, p in preds.items(): confs[k] = confs.get(k, 0) + confusion(p.long(), s['mask'], K)
         if save is not None: write_mask(save / f"{s['name']}.png", list(preds.values())[-1].numpy())
+    t0, pending = time.perf_counter(), collections.deque()
+    with CRFPool(crf_workers if crf and n > 1 else 1) as pool:
+        for i in tqdm(range(n), desc=f'evaluate {source}', disable=not progress, dynamic_ncols=True):
+            s = dataset[i]
+            pending.append((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None)))
+            while len(pending) > 2 * pool.workers: finish(*pending.popleft())   # a bounded queue of CRF jobs
+        while pending: finish(*pending.popleft())
     dt = time.perf_counter() - t0
     return dict(images=n, seconds=dt, images_per_s=n / max(dt, 1e-9), predictions=None if save is None else str(save),
                 results={k: seg_metrics(c, names) for k, c in confs.items()})
@@ -321,6 +363,8 @@ def add_inference_options(ap: argparse.ArgumentParser):
     ap.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True, help='also the mirrored image (default: on)')
     ap.add_argument('--crf', action='store_true', help='DenseCRF post-processing (official parameters: '
                     + ', '.join(f'{k}={v}' for k, v in CRF_OFFICIAL.items()) + ')')
+    ap.add_argument('--crf-workers', type=int, default=0, help='processes that run DenseCRF in parallel (default: 0, '
+                    'every available core; 1: in this process)')
     ap.add_argument('--resize-long', type=int, default=None, help='resize the long side to this first '
                     '(default: 512 for VOC/COCO as the official test, none for the toy world; 0: never)')
     ap.add_argument('--device', default='auto', help='auto (CUDA when available, else the CPU), cpu, cuda or cuda:N '
@@ -356,9 +400,9 @@ def run_evaluation(a: argparse.Namespace) -> dict:
     long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval-{split}-{a.source}{'-crf' if a.crf else ''}"
     ev = evaluate_dataset(model, ds, names, a.source, a.scales, a.flip, a.crf, long_side, out, a.max_images,
-                          cfg.norm, progress=not a.quiet)
+                          cfg.norm, progress=not a.quiet, crf_workers=a.crf_workers)
     doc = dict(checkpoint=str(a.checkpoint), out=str(out), split=split, source=a.source, scales=a.scales, flip=a.flip, crf=a.crf,
-               resize_long=long_side, device=str(cfg.device), **ev)
+               resize_long=long_side, device=str(cfg.device), crf_workers=a.crf_workers, **ev)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(doc, indent=1))
     return doc

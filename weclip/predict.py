@@ -4,7 +4,8 @@
 
 # %% ../nbs/10b_predict.ipynb #1f61f85d
 from __future__ import annotations
-import argparse, sys, time
+import argparse, collections, sys, time
+from concurrent.futures import Future
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from .data import write_mask, voc_palette, normalize, read_image, one_line
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
-                             add_inference_options, EvalError, require_crf)
+                             add_inference_options, EvalError, require_crf, CRFPool)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'overlay', 'predict_images', 'predict_cli']
@@ -77,21 +78,28 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
                    scales=OFFICIAL_SCALES, flip: bool = True, crf: bool = False,
                    long_side: int | None = None, norm: str = 'imagenet', progress: bool = True,
                    max_side: int | None = MAX_SIDE, # read photos with their long side at most this
+                   crf_workers: int = 0, # processes for DenseCRF (0: every available core; 1: inline)
                   ) -> list[dict]:
     "Segment each image: `<stem>.png` palette mask and `<stem>_overlay.jpg` in `out_dir`; returns what was written."
     outputs = output_paths(paths, out_dir)                   # nothing is written over an input
     for p in paths: read_rgb(p, max_side)                    # every file checked before any work
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.eval(); dev = model.fg_text.device
-    done = []
-    for p, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict', disable=not progress, dynamic_ncols=True):
-        rgb = read_rgb(p, max_side)
-        logits = infer_logits(model, normalize(rgb, norm)[None].to(dev), scales, flip, long_side)[0]
-        mask = (dense_crf(rgb, logits.softmax(0)) if crf else logits.cpu().numpy()).argmax(0).astype(np.uint8)
+    done, pending = [], collections.deque()
+    def finish(p, rgb, mask, mask_path, overlay_path):   # the CRF's labels may still be computing in a worker
+        mask = mask.result() if isinstance(mask, Future) else mask
         write_mask(mask_path, mask)
         Image.fromarray(overlay(rgb, mask)).save(overlay_path, quality=90)
         done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
+    with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
+        for p, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict', disable=not progress, dynamic_ncols=True):
+            rgb = read_rgb(p, max_side)
+            logits = infer_logits(model, normalize(rgb, norm)[None].to(dev), scales, flip, long_side)[0]
+            mask = pool.submit(rgb, logits.softmax(0).cpu().numpy()) if crf else logits.argmax(0).cpu().numpy().astype(np.uint8)
+            pending.append((p, rgb, mask, mask_path, overlay_path))
+            while len(pending) > 2 * pool.workers: finish(*pending.popleft())
+        while pending: finish(*pending.popleft())
     return done
 
 def predict_cli(argv=None):
@@ -115,7 +123,7 @@ def predict_cli(argv=None):
         long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
         t = time.perf_counter()
         done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
-                              a.max_side or None)
+                              a.max_side or None, a.crf_workers)
     except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     for d in done: print(f"{d['image']}: {', '.join(names[c] for c in d['classes'])} -> {d['mask']}, {d['overlay']}")
     print(f'{len(done)} images in {time.perf_counter() - t:.1f}s; masks and overlays in {a.out}')

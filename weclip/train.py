@@ -146,9 +146,11 @@ class _Run:
     def __init__(self, cfg: TrainConfig, main_proc: bool, world: int, device: torch.device):
         self.cfg, self.main, self.world, self.device, self.out = cfg, main_proc, world, device, Path(cfg.out_dir)
         self.log = self.lock = self.progress = None
+        self.created = False
         self.last, self.signum, self.handlers = {}, 0, {}
     def __enter__(self):
         if self.main:
+            self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.out).acquire()
             for t in self.out.glob('.*.pt.tmp-*'): t.unlink()   # half-written checkpoints of a killed run: never read
@@ -181,6 +183,7 @@ class _Run:
         if self.progress: self.progress.close()
         if self.log: self.log.close()
         if self.lock: self.lock.release()
+        if self.main and self.created and not any(self.out.iterdir()): self.out.rmdir()   # failed at start: no trace
         if self.world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/11_train.ipynb #65499075

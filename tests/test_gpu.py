@@ -1,0 +1,78 @@
+"""The README's GPU commands, as a user runs them, on a miniature VOC layout at crop 320 with a random ViT-B-16.
+
+Marked `gpu`: skipped without CUDA (CI runs on a CPU). On a CUDA machine: `pytest -m gpu tests/test_gpu.py -v`.
+"""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+COMMON = ['--preset', 'voc', '--weights', 'none', '--train-split', 'train', '--iters', '6', '--batch-size', '2',
+          '--crop-size', '320', '--ckpt-every', '2', '--eval-every', '6', '--eval-images', '2', '--pseudo-images', '2',
+          '--rfm-start', '3', '--log-every', '1', '--num-workers', '2']
+
+
+def run(module, *args, env=None, timeout=900):
+    return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope='module')
+def voc(tmp_path_factory):
+    from weclip.data import make_tiny_dataset
+    return str(make_tiny_dataset(tmp_path_factory.mktemp('voc') / 'VOC2012', layout='voc', n_train=8, n_val=2))
+
+
+def weights(out):
+    return torch.load(Path(out) / 'last.pt', weights_only=True)['model']
+
+
+def test_device_rule_on_this_machine():
+    from weclip.config import resolve_device
+    assert resolve_device('auto') == torch.device('cuda', 0) == resolve_device('cuda')
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f'this machine has {n} CUDA GPU'): resolve_device(f'cuda:{n}')
+
+
+@pytest.mark.parametrize('amp', ['--amp', '--no-amp'])
+def test_train_resume_is_exact(voc, tmp_path, amp):
+    """`--device cuda` as the README writes it; a run stopped at 4 and resumed ends where a straight run ends."""
+    straight = run('weclip.train', *COMMON, amp, '--data-root', voc, '--device', 'cuda', '--out-dir', str(tmp_path / 'a'))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    rows = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+    losses = [r['total'] for r in rows if 'total' in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert json.loads((tmp_path / 'a' / 'config.json').read_text())['device'] == 'cuda:0'
+    first = run('weclip.train', *COMMON, amp, '--data-root', voc, '--device', 'cuda', '--out-dir', str(tmp_path / 'b'),
+                env={'WECLIP_KILL_IN_SAVE': '3'})        # killed writing the checkpoint of iteration 6
+    assert first.returncode != 0
+    resumed = run('weclip.train', *COMMON, amp, '--data-root', voc, '--device', 'cuda', '--out-dir', str(tmp_path / 'b'),
+                  '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = weights(tmp_path / 'a'), weights(tmp_path / 'b')
+    # same data, RNG and optimizer state; CUDA's atomic-add kernels may order sums differently from run to run
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_evaluate_with_crf_and_predict(voc, tmp_path):
+    r = run('weclip.train', *COMMON, '--data-root', voc, '--out-dir', str(tmp_path / 'r'))     # --device auto: the GPU
+    assert r.returncode == 0, r.stderr[-4000:]
+    ck = str(tmp_path / 'r' / 'last.pt')
+    ev = run('weclip.evaluate', '--checkpoint', ck, '--crf', '--crf-workers', '2', '--device', 'cuda', '--quiet')
+    assert ev.returncode == 0 and 'mIoU' in ev.stdout, ev.stderr[-4000:]
+    doc = json.loads((tmp_path / 'r' / 'eval-val-seg-crf' / 'results.json').read_text())
+    assert doc['device'] == 'cuda:0' and sorted(doc['results']) == ['seg', 'seg+crf']
+    pr = run('weclip.predict', '--checkpoint', ck, str(Path(voc) / 'JPEGImages'), '--out', str(tmp_path / 'p'), '--crf',
+             '--quiet')
+    assert pr.returncode == 0 and len(list((tmp_path / 'p').glob('*_overlay.jpg'))) >= 10, pr.stderr[-4000:]
+
+
+def test_torchrun_nccl(voc, tmp_path):
+    n = torch.cuda.device_count()
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
+                        '-m', 'weclip.train', *COMMON, '--batch-size', '1', '--data-root', voc, '--device', 'cuda',
+                        '--out-dir', str(tmp_path / 'ddp')], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 6 and len(state['rng']) == n and 'cuda' in state['rng'][0]
