@@ -304,13 +304,14 @@ class SegDataset(Dataset):
         "Draw the augmentations of epoch `epoch` (with a seed, epoch e is the same in every run)."
         self.epoch = epoch
 
-    def rng(self, index:int) -> np.random.Generator:
-        "The generator of sample `index`: seeded by (seed, epoch, index), fresh entropy when seed is None."
-        return np.random.default_rng(None if self.seed is None else [self.seed, self.epoch, index])
+    def rng(self, index:int, epoch:int|None=None) -> np.random.Generator:
+        "The generator of sample `index` in `epoch` (default: `set_epoch`'s): seeded by (seed, epoch, index), fresh entropy when seed is None."
+        return np.random.default_rng(None if self.seed is None else [self.seed, self.epoch if epoch is None else epoch, index])
 
     def __len__(self): return len(self.names)
 
-    def __getitem__(self, index:int) -> dict:
+    def __getitem__(self, index:int|tuple[int, int]) -> dict:   # index, or (epoch, index) from a sampler spanning epochs
+        epoch, index = index if isinstance(index, tuple) else (None, index)
         name = self.names[index]
         image = read_image(self.img_dir / f'{name}.jpg')
         K = None if self.classes is None else len(self.classes) + 1          # mask values 0..K-1, or 255
@@ -318,7 +319,7 @@ class SegDataset(Dataset):
         if mask is not None and mask.shape != image.shape[:2]:
             raise DatasetError(f'mask {self.mask_path(name)} is {mask.shape}, its image is {image.shape[:2]}. '
                                'Fix: rebuild the masks.')
-        out = self.transform(image, mask, self.rng(index))
+        out = self.transform(image, mask, self.rng(index, epoch))
         out.update(name=name, index=index, size=torch.tensor(image.shape[:2]))
         if self.labels is not None: out['labels'] = self.labels[index]
         return out

@@ -20,8 +20,8 @@ from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, eval
                              default_long_side, crf_available)
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'build_datasets', 'Progress', 'Interrupted', 'train', 'report',
-           'main']
+__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'Interrupted', 'train',
+           'report', 'main']
 
 # %% ../nbs/11_train.ipynb #6b82c3c9
 def lr_factor(it: int, iters: int, warmup_iters: int = 50, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
@@ -45,6 +45,20 @@ class IterationBatches(torch.utils.data.Sampler):
     def __iter__(self):
         o, B = self.order(), self.bs * self.world
         for b in range(self.start, self.stop): yield o[b * B + self.rank * self.bs:b * B + (self.rank + 1) * self.bs].tolist()
+    def __len__(self): return max(0, self.stop - self.start)
+
+class RunBatches(torch.utils.data.Sampler):
+    "Batches of `(epoch, index)` for iterations `start`..`stop-1` across epochs, each epoch in `IterationBatches`' order."
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        self.args, self.start, self.stop = (n, batch_size, seed), start, stop
+        self.rank, self.world = rank, world
+        self.per_epoch = IterationBatches(n, batch_size, seed, 0, rank=rank, world=world).per_epoch
+    def __iter__(self):
+        it = self.start
+        while it < self.stop:
+            epoch, pos = divmod(it, self.per_epoch)
+            for b in IterationBatches(*self.args, epoch, pos, pos + self.stop - it, self.rank, self.world):
+                yield [(epoch, i) for i in b]; it += 1
     def __len__(self): return max(0, self.stop - self.start)
 
 # %% ../nbs/11_train.ipynb #8e73f579
@@ -224,14 +238,12 @@ def _evaluate(model, val_ds, sub, cfg, it, device, run) -> float:
                            f"{pq['pseudo_miou']:.4f} on {len(sub)} images")
     return ev['miou']
 
-def _loader(train_ds, cfg, it, rank, world):
-    "The DataLoader of the rest of the epoch that iteration `it` falls in."
-    per_epoch = len(train_ds) // (cfg.batch_size * world)
-    epoch, pos = divmod(it, per_epoch)
-    train_ds.set_epoch(epoch)
-    batches = IterationBatches(len(train_ds), cfg.batch_size, cfg.seed, epoch, pos, pos + cfg.iters - it, rank, world)
+def _loader(train_ds, cfg, it, rank, world, device):
+    "One DataLoader for iterations `it`..`iters-1`: its workers live for the whole run; pinned memory on CUDA."
+    batches = RunBatches(len(train_ds), cfg.batch_size, cfg.seed, it, cfg.iters, rank, world)
     return torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
-                                       generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                                       pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.num_workers else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed + it))
 
 def _check_loss(losses, it, batch, out):
     if not torch.isfinite(losses['total']):
@@ -263,23 +275,22 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         def checkpoint(name):                                                           # every rank, rank 0 writes
             state = _state(it, best, model, opt, sched, cfg, train_ds.classes, device, world)
             if main_proc: save_checkpoint(state, out / name)
-        while it < cfg.iters and it != stop_at:
-            t0 = time.perf_counter()
-            for batch in _loader(train_ds, cfg, it, rank, world):
-                model.train()                                                           # step
-                with amp: losses = net(batch, iteration=it)
-                _check_loss(losses, it, batch, out)
-                opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step(); sched.step(); it += 1
-                dt, t0 = time.perf_counter() - t0, time.perf_counter()
-                run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
-                if it % cfg.eval_every == 0 or it == cfg.iters:                         # evaluate
-                    score = _evaluate(model, val_ds, sub, cfg, it, device, run) if main_proc else None
-                    if _broadcast(main_proc and score > best, world):
-                        best = score if main_proc else best; checkpoint('best.pt')
-                signum = run.signalled()                                                # checkpoint
-                if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: checkpoint('last.pt')
-                if signum: raise Interrupted(signum, it, out / 'last.pt')
-                if it == stop_at: break
+        t0 = time.perf_counter()
+        for batch in _loader(train_ds, cfg, it, rank, world, device):
+            model.train()                                                               # step
+            with amp: losses = net(batch, iteration=it)
+            _check_loss(losses, it, batch, out)
+            opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step(); sched.step(); it += 1
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
+            if it % cfg.eval_every == 0 or it == cfg.iters:                             # evaluate
+                score = _evaluate(model, val_ds, sub, cfg, it, device, run) if main_proc else None
+                if _broadcast(main_proc and score > best, world):
+                    best = score if main_proc else best; checkpoint('best.pt')
+            signum = run.signalled()                                                    # checkpoint
+            if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: checkpoint('last.pt')
+            if signum: raise Interrupted(signum, it, out / 'last.pt')
+            if it == stop_at: break
         return dict(run.last, iteration=it, best_miou=best)
 
 # %% ../nbs/11_train.ipynb #6e010290
