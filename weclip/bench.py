@@ -4,13 +4,13 @@
 
 # %% ../nbs/12_bench.ipynb #de59e520
 from __future__ import annotations
-import argparse, json, os, resource, statistics, subprocess, sys, time
+import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time, warnings
 import torch, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP, load_clip, TINY_CLIP
 from .prompts import dataset_text_features, text_features, prompt_templates
-from .cam import box_mask
-from .rfm import refine_cam_reference, pseudo_labels_reference
+from .cam import box_mask, initial_cam
+from .rfm import refine_cam, pseudo_labels, refine_cam_reference, pseudo_labels_reference
 from .model import WeCLIP
 from .config import PRESETS, resolve_device
 from .evaluate import msc_flip_logits, dense_crf, to_uint8, crf_available, CRFPool, available_cores
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['reference_step', 'bench_inputs', 'compare', 'throughput', 'main']
+__all__ = ['reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'stages', 'main']
 
 # %% ../nbs/12_bench.ipynb #ad7ec1f3
 def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> dict:
@@ -161,6 +161,74 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
                 crf_s_per_image=t_crf if crf else None, crf_parallel=crf_parallel,
                 load_images_per_s=1 / t_load, load_vs_train=(1 / t_load) / (batch / t_train))
 
+# %% ../nbs/12_bench.ipynb #c2626076
+class StageTimer:
+    "Seconds per named stage: CUDA events on a GPU (read once, at the end), the wall clock on the CPU."
+    def __init__(self, cuda: bool): self.cuda, self.marks = cuda, []
+    def now(self):
+        if not self.cuda: return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True); e.record(); return e
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = self.now(); yield; self.marks.append((name, start, self.now()))
+    def wrap(self, name: str, fn):
+        "`fn`, timed as `name` at every call."
+        def timed(*a, **k):
+            with self(name): return fn(*a, **k)
+        return timed
+    def seconds(self) -> dict:
+        if self.cuda: torch.cuda.synchronize()
+        out = {}
+        for name, a, b in self.marks: out[name] = out.get(name, 0.) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
+
+def _timed_step(model: WeCLIP, b: dict, iteration: int, opt, timer: StageTimer) -> dict:
+    "One training step of the model's own code, its stages timed; `supervise` minus its timed parts is 'losses'."
+    starts = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: starts.__setitem__(n, timer.now())) for n, m in
+             (('backbone forward', model.backbone), ('decoder', model.decoder))]
+    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: timer.marks.append((n, starts[n], timer.now()))) for n, m in
+              (('backbone forward', model.backbone), ('decoder', model.decoder))]
+    supervise = model.supervise
+    try:
+        images, labels, valid = b['image'], b['labels'], b['valid']
+        out = model.backbone(images)
+        with timer('Grad-CAM (M_init)'), torch.autocast(images.device.type, enabled=False):   # fp32, as WeCLIP.forward
+            M_init = initial_cam(out, labels, model.fg_text, model.bg_text, model.backbone.clip.logit_scale.exp(), model.variant)
+        with timer('supervise'):
+            r = supervise(images, labels, valid, out, M_init, iteration, boxes_fn=timer.wrap('RFM: boxes', box_mask),
+                          refine_fn=timer.wrap('RFM: M_f', refine_cam), labels_fn=timer.wrap('PAR + pseudo labels', pseudo_labels))
+        with timer('backward'): r['total'].backward()
+        with timer('optimizer'): opt.step(); opt.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks: h.remove()
+    return r
+
+def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
+           iteration: int = 20000) -> dict:
+    "Median seconds per stage of a training step (RFM on at `iteration`), the step, and its host-device syncs (CUDA)."
+    cuda = device.startswith('cuda')
+    model, b = bench_inputs(model_name, batch, size, device=device)
+    model.train()
+    opt = torch.optim.AdamW(model.param_groups(2e-4), lr=2e-4)
+    amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda)
+    runs, syncs = [], None
+    for i in range(repeats + 1):                       # the first is a warm-up
+        timer = StageTimer(cuda)
+        with amp, timer('step'): _timed_step(model, b, iteration, opt, timer)
+        if i: runs.append(timer.seconds())
+    if cuda:                                           # every synchronising call warns once in this mode
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
+            try:
+                with amp: _timed_step(model, b, iteration, opt, StageTimer(False))
+            finally: torch.cuda.set_sync_debug_mode('default')
+        syncs = sum('synchroniz' in str(x.message) for x in w)
+    sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
+    return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
+                seconds=sec)
+
 # %% ../nbs/12_bench.ipynb #3e7d0afe
 def main(argv=None):
     "Command line of `python -m weclip.bench`."
@@ -174,6 +242,8 @@ def main(argv=None):
     ap.add_argument('--device', default='auto', help='auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)')
     ap.add_argument('--repeats', type=int, default=3, help='timed steps per way (median reported)')
     ap.add_argument('--iteration', type=int, default=20000, help='training iteration (RFM is on after the switch-on)')
+    ap.add_argument('--stages', action='store_true', help='seconds per stage of a training step of --model (CUDA events '
+                    'on a GPU) and, on CUDA, the host-device synchronisations per step')
     ap.add_argument('--no-toy', action='store_true', help="throughput: skip the toy preset (tiny CLIP at the toy preset's batch and crop)")
     ap.add_argument('--no-crf', action='store_true', help='throughput: skip DenseCRF')
     ap.add_argument('--worker', choices=['ours', 'reference', 'throughput'], help=argparse.SUPPRESS)
@@ -185,6 +255,8 @@ def main(argv=None):
         print(json.dumps(throughput(a.model, a.batch, a.size, a.device, a.repeats, not a.no_crf))); return
     if a.worker:
         print(json.dumps(_time_one(a.worker, a.model, a.batch, a.size, a.device, a.repeats, a.iteration))); return
+    if a.stages:
+        print(json.dumps(stages(a.model, a.batch, a.size, a.device, a.repeats, a.iteration), indent=1)); return
     if a.compare:
         print(json.dumps(compare(a.model, a.batch, a.size, a.device, a.repeats, a.iteration), indent=1)); return
     toy = PRESETS['toy']

@@ -24,9 +24,9 @@ from .metrics import confusion, miou, seg_metrics, iou_table
 __all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'inference_long_side',
            'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available', 'require_crf', 'dense_crf',
            'to_uint8', 'crf_labels', 'available_cores', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels',
-           'pseudo_labels_of', 'EvalError', 'predict_sample', 'evaluate_dataset', 'val_miou', 'pseudo_subset',
-           'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser', 'run_evaluation',
-           'evaluate_cli']
+           'pseudo_labels_of', 'EvalError', 'predict_sample', 'progress_iter', 'evaluate_dataset', 'val_miou',
+           'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
+           'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -242,6 +242,18 @@ def predict_sample(model, sample: dict, source: str = 'seg', scales=OFFICIAL_SCA
         out = {source: F.interpolate(m[:, None].float(), size=(H, W), mode='nearest')[0, 0]}
     return {k: v.cpu().to(torch.uint8) for k, v in out.items()}
 
+# %% ../nbs/10_evaluate.ipynb #606fa879
+def progress_iter(items, desc: str, enabled: bool = True):
+    "`items` with a progress bar on a terminal; in a log (stdout not a terminal) a line at every tenth of the way."
+    items = list(items)
+    if not enabled: yield from items; return
+    if sys.stdout.isatty(): yield from tqdm(items, desc=desc, dynamic_ncols=True); return
+    t0, n = time.perf_counter(), len(items)
+    for i, x in enumerate(items, 1):
+        yield x
+        if i == n or i % max(1, n // 10) == 0:
+            print(f'{desc}: {i}/{n} in {time.perf_counter() - t0:.0f}s', flush=True)
+
 # %% ../nbs/10_evaluate.ipynb #30117fa8
 def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      dataset, # a `weclip.data` split with full-size samples (EvalTransform)
@@ -272,7 +284,7 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
         if save is not None: write_mask(save / f"{s['name']}.png", list(preds.values())[-1].numpy())
     t0, pending = time.perf_counter(), collections.deque()
     with CRFPool(crf_workers if crf and n > 1 else 1) as pool:
-        for i in tqdm(range(n), desc=f'evaluate {source}', disable=not progress, dynamic_ncols=True):
+        for i in progress_iter(range(n), f'evaluate {source}', progress):
             s = dataset[i]
             pending.append((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None)))
             while len(pending) > 2 * pool.workers: finish(*pending.popleft())   # a bounded queue of CRF jobs

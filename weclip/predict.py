@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from .data import write_mask, voc_palette, normalize, read_image, one_line
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
-                             add_inference_options, EvalError, require_crf, CRFPool)
+                             add_inference_options, EvalError, require_crf, CRFPool, progress_iter)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'overlay', 'predict_images', 'predict_cli']
@@ -93,7 +92,7 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
         done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
     with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
-        for p, (mask_path, overlay_path) in tqdm(list(zip(paths, outputs)), desc='predict', disable=not progress, dynamic_ncols=True):
+        for p, (mask_path, overlay_path) in progress_iter(zip(paths, outputs), 'predict', progress):
             rgb = read_rgb(p, max_side)
             logits = infer_logits(model, normalize(rgb, norm)[None].to(dev), scales, flip, long_side)[0]
             mask = pool.submit(rgb, logits.softmax(0).cpu().numpy()) if crf else logits.argmax(0).cpu().numpy().astype(np.uint8)
