@@ -183,14 +183,16 @@ class _Run:
             self.log = _Logger(self.out)
         self.progress = Progress(self.cfg.iters, it, self.cfg.log_every, enabled=self.main)
     def step(self, it: int, losses: dict, lr: float, images: int, seconds: float):
-        "Record one iteration: progress, and every `log_every` iterations a metrics row."
+        "Record one iteration: every `log_every` iterations (and the last) progress and a metrics row."
+        if it % self.cfg.log_every and it != self.cfg.iters: return   # reading a loss waits for the GPU: not every step
         self.last = {k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.ndim == 0}
         self.last.update(lr=lr, img_s=images / seconds)
         self.progress.update(it, self.last, images)
-        if self.main and (it % self.cfg.log_every == 0 or it == self.cfg.iters): self.log(it, **self.last)
-    def signalled(self) -> int:
-        "The signal received by any rank since the start (0: none)."
+        if self.main: self.log(it, **self.last)
+    def signalled(self, it: int) -> int:
+        "The signal received by any rank since the start (0: none); under DDP the ranks agree every `log_every` iterations."
         if self.world == 1: return self.signum
+        if it % self.cfg.log_every and it != self.cfg.iters: return 0
         t = torch.tensor([self.signum], device=self.device); dist.all_reduce(t, op=dist.ReduceOp.MAX); return int(t)
     def __exit__(self, *exc):
         for s, h in self.handlers.items(): signal.signal(s, h)
@@ -287,7 +289,7 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
                 score = _evaluate(model, val_ds, sub, cfg, it, device, run) if main_proc else None
                 if _broadcast(main_proc and score > best, world):
                     best = score if main_proc else best; checkpoint('best.pt')
-            signum = run.signalled()                                                    # checkpoint
+            signum = run.signalled(it)                                                    # checkpoint
             if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: checkpoint('last.pt')
             if signum: raise Interrupted(signum, it, out / 'last.pt')
             if it == stop_at: break
