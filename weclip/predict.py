@@ -120,6 +120,9 @@ def predict_cli(argv=None):
         if a.crf: require_crf()
         model, cfg, names = load_model(a.checkpoint, device=a.device, weights=a.weights)
         long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
+        print(f"{a.checkpoint} knows {len(names) - 1} classes and background: {', '.join(names[1:])}" +
+              ('. It was trained on the toy world: on other pictures it still answers with one of these shapes.'
+               if cfg.dataset == 'toy' else '.'))
         t = time.perf_counter()
         done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
                               a.max_side or None, a.crf_workers)
