@@ -177,3 +177,15 @@ def test_corrupt_picture_with_loader_workers_is_one_line(toy, tmp_path):
     assert r.returncode != 0 and 'cannot read image' in r.stderr and first in r.stderr, r.stderr[-3000:]
     assert 'Traceback' not in r.stderr and 'DataLoader worker' not in r.stderr, r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_resume_on_another_class_list_is_one_line(toy, tmp_path):
+    from weclip.toy import write_toy_dataset
+    from weclip.toy import toy_config
+    other = str(write_toy_dataset(tmp_path / 'toy4', n_train=8, n_val=2, seed=0,
+                                  config=toy_config('default', classes=('circle', 'square', 'star', 'cross'))))
+    first = run(*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'o'), '--iters', '2')
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = run(*ARGS, '--data-root', other, '--out-dir', str(tmp_path / 'o'), '--iters', '2', '--resume')
+    assert r.returncode != 0 and 'was trained on other classes than' in r.stderr, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
