@@ -101,8 +101,8 @@ def crf_available() -> bool:
 def require_crf():
     "One clear error when --crf is asked for without pydensecrf2 installed."
     if not crf_available():
-        raise EvalError('--crf needs DenseCRF, which is not installed: pip install "weclip[crf]" (the pydensecrf2 '
-                        'package; it compiles from source, so it needs a C++ compiler), or drop --crf.')
+        raise EvalError('--crf needs DenseCRF, which is not installed: pip install "weclip[crf]" (pydensecrf2, which '
+                        'compiles from source: a C++ compiler and Python 3.12 or older), or drop --crf.')
 
 def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
               probs: np.ndarray | torch.Tensor, # (K,H,W) class probabilities (softmax of the logits)

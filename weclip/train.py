@@ -331,7 +331,7 @@ def main(argv=None):
             if not crf_available(): print('(no seg + CRF column: DenseCRF is not installed; pip install "weclip[crf]")')
             out = Path(cfg.out_dir)
             print(f"\nSaved in {out}: last.pt and best.pt (decoder checkpoints), config.json, metrics.jsonl, results.json."
-                  f"\nMeasure again: python -m weclip.evaluate --checkpoint {out / 'last.pt'} --source seg --crf")
+                  f"\nMeasure again: python -m weclip.evaluate --checkpoint {out / 'last.pt'} --source seg" + (' --crf' if crf_available() else ''))
     except Interrupted as e:
         print(e, file=sys.stderr); sys.exit(128 + e.signum)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e: sys.exit(f"error: {one_line(e)}")
