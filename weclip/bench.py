@@ -151,7 +151,10 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
             a = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
             Image.fromarray(a).resize((500, 375), Image.BICUBIC).save(f'{d}/{i}.jpg', quality=90); paths.append(f'{d}/{i}.jpg')
         tf = TrainTransform(crop_size=size)
-        t_load = _median_time(lambda: [tf(read_image(p_), rng=rng) for p_ in paths], 1) / len(paths)
+        t_decode = _median_time(lambda: [read_image(p_) for p_ in paths], 1) / len(paths)
+        decoded = [read_image(p_) for p_ in paths]
+        t_augment = _median_time(lambda: [tf(a_, rng=rng) for a_ in decoded], 1) / len(paths)
+        t_load = t_decode + t_augment
     return dict(model=model_name, batch=batch, size=size, device=device, torch=torch.__version__,
                 threads=torch.get_num_threads(), gpu=torch.cuda.get_device_name(device) if cuda else None,
                 train_images_per_s=batch / t_train, train_step_s=t_train, peak_mb=peak,
@@ -159,7 +162,8 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
                 infer_images_per_s=dict(single_scale=1 / t_single, msc_flip=1 / t_msc,
                                         msc_flip_crf=1 / (t_msc + t_crf) if crf else None),
                 crf_s_per_image=t_crf if crf else None, crf_parallel=crf_parallel,
-                load_images_per_s=1 / t_load, load_vs_train=(1 / t_load) / (batch / t_train))
+                load_images_per_s=1 / t_load, load_ms_per_image=dict(decode=1e3 * t_decode, augment=1e3 * t_augment),
+                load_vs_train=(1 / t_load) / (batch / t_train))
 
 # %% ../nbs/12_bench.ipynb #c2626076
 class StageTimer:
