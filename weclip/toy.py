@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['SHAPES', 'TEXTURES', 'COLOURS', 'CLASS_COLOUR', 'PREFERRED', 'PRESETS', 'OUTLINES', 'ToyError', 'ToyConfig',
@@ -310,8 +311,8 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
 # %% ../nbs/07_toyworld.ipynb #d5b290bd
 def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True):
     "Grid of scenes (and their masks under them); captions as titles."
-    import matplotlib.pyplot as plt
-    from weclip.data import voc_palette
+    import matplotlib.pyplot as plt            # optional dependency: only for pictures
+    from weclip.data import voc_palette  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
     pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
     nrows = -(-len(scenes) // ncols) * (2 if masks else 1)
     fig, axs = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
@@ -358,8 +359,7 @@ def write_toy_dataset(root, # dataset folder (created)
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from tqdm.auto import tqdm
-    from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (1.5 s)
+    from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (2.6 s measured)
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not progress)
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):
