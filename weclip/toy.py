@@ -46,6 +46,9 @@ class ToyConfig:
     thin_parts: float = 0.0                    # P(an object grows 1-3 spokes of 1-2 px)
     clutter: float = 0.0                       # mean number (Poisson) of non-class distractor shapes
     cooccurrence: float = 0.0                  # P(the background is the largest object's PREFERRED texture)
+    body: float = 0.0                          # P(an object is a small class part on a large class-neutral grey body)
+    body_part: float = 0.45                    # the class part's radius, as a fraction of the body's
+    body_tint: float = 0.0                     # how much of the object's colour the grey body takes (0: none)
     caption_words: float = 0.5                 # P(each optional caption word: size, pattern, colour, position, background)
     patch: int = 8                             # patch size of the tiny CLIP that reads the images
 
@@ -64,9 +67,11 @@ class ToyConfig:
             raise ToyError(f'count_probs {p} must be non-negative and sum to 1 (P(1 object), P(2), ...).')
         if not 0 < self.scale[0] <= self.scale[1] <= 0.45:
             raise ToyError(f'scale {self.scale} must satisfy 0 < low <= high <= 0.45 (radius / image size).')
-        for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words'):
+        for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words', 'body',
+                  'body_tint'):
             if not 0 <= getattr(self, k) <= 1: raise ToyError(f'{k} = {getattr(self, k)} is a probability: use 0..1.')
         if self.clutter < 0 or self.colour_jitter < 0: raise ToyError('clutter and colour_jitter must be >= 0.')
+        if not 0.1 <= self.body_part <= 1: raise ToyError(f'body_part = {self.body_part}: the part is 0.1..1 of the body radius.')
 
 PRESETS = {'easy': ToyConfig(),  # issue 7's feasibility world: one colour per class, no noise, no clutter
            'default': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
@@ -266,7 +271,7 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
     "Scene `index` of `split`: the same (seed, split, index, config) always gives the same scene."
     cfg = toy_config(config) if isinstance(config, str) else config
     S, C, palette = cfg.size, len(cfg.classes), list(COLOURS)
-    r_layout, r_look, r_bg, r_clutter, r_cap = scene_rngs(seed, index, split)
+    r_layout, r_look, r_bg, r_clutter, r_cap, r_body = scene_rngs(seed, index, split, 6)  # the first 5 as before
     n = min(int(r_layout.choice(len(cfg.count_probs), p=cfg.count_probs)) + 1, C)      # layout
     cls, rad = r_layout.choice(C, n, replace=False), r_layout.uniform(*cfg.scale, n) * S
     ang, cxy = r_layout.uniform(0, 2 * np.pi, n), r_layout.uniform(0, 1, (n, 2)) * (S - rad[:, None]) + rad[:, None] / 2
@@ -279,9 +284,19 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
         pat = (r_look.uniform(0, np.pi), r_look.uniform(4, 9) * S / 160, int(r_look.integers(3)))
         spokes = list(zip(r_look.uniform(0, 2 * np.pi, 3), r_look.uniform(1.45, 1.9, 3),
                           r_look.integers(1, 3, 3) * S / 160))[:1 + int(u[3] * 3)]
-        m, area = raster(shape_parts(name, rad[i], ang[i], *cxy[i], spokes if u[2] < cfg.thin_parts else ()), S)
+        spokes = spokes if u[2] < cfg.thin_parts else ()
+        ub, aspect, b_ang, off, grey = r_body.random(), *r_body.uniform((0.6, 0, 0, 100), (1, 2 * np.pi, 2 * np.pi, 170))
+        if ub < cfg.body:      # the body: an ellipse of the object's radius; the class shape, smaller, off its centre
+            body, b_area = raster([(_place(_ngon(32) * (1, aspect), rad[i], b_ang, *cxy[i]), False)], S)
+            rp, d = cfg.body_part * rad[i], 0.7 * max(0.0, aspect - cfg.body_part) * rad[i]
+            part, p_area = raster(shape_parts(name, rp, ang[i], *(cxy[i] + d * np.array([np.cos(off), np.sin(off)])),
+                                              spokes), S)
+            m, area = body | part, b_area + p_area - int((body & part).sum())
+        else:
+            (m, area), part = raster(shape_parts(name, rad[i], ang[i], *cxy[i], spokes), S), None
         masks.append(m); areas.append(area)
-        objs.append({'class': name, 'c': int(cls[i]), 'rgb': rgb, 'colour': colour, 'pat': pat,
+        objs.append({'class': name, 'c': int(cls[i]), 'rgb': rgb, 'colour': colour, 'pat': pat, 'part': part,
+                     'body_rgb': (1 - cfg.body_tint) * np.float32([grey] * 3) + cfg.body_tint * rgb, 'body': part is not None,
                      'pattern': _PATTERNS[pat[2]] if u[1] < cfg.textured else None, 'thin': bool(u[2] < cfg.thin_parts),
                      'size': 'small' if rad[i] < 0.14 * S else 'large' if rad[i] > 0.22 * S else None})
     keep, vis = keep_visible(masks, areas, cfg.min_visible)
@@ -293,17 +308,18 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
     mask, kept = np.zeros((S, S), np.uint8), []
     for o, m, kp, v in zip(objs, masks, keep, vis):                                      # objects, bottom to top
         if not kp: continue
-        fill = o['rgb']
+        fill, pm = o['rgb'], m if o['part'] is None else o['part']     # pm: the pixels in the class's colour
         if o['pattern']:
             alt = 0.45 * fill + 0.55 * (255 if fill.mean() < 110 else 0)
-            fill = np.where(_pattern(S, *o['pat'])[m][:, None], fill, alt)
-        img[m], mask[m] = fill, o['c'] + 1
+            fill = np.where(_pattern(S, *o['pat'])[pm][:, None], fill, alt)
+        if o['part'] is not None: img[m & ~pm] = o['body_rgb']
+        img[pm], mask[m] = fill, o['c'] + 1
         kept.append((o, v))
     objects = []
     for o, v in kept:
         ys, xs = np.nonzero(mask == o['c'] + 1)
         pos = _POSITIONS[min(int(3 * ys.mean() / S), 2)][min(int(3 * xs.mean() / S), 2)]
-        objects.append({k: o[k] for k in ('class', 'colour', 'size', 'pattern', 'thin')} |
+        objects.append({k: o[k] for k in ('class', 'colour', 'size', 'pattern', 'thin')} | ({'body': True} if o['body'] else {}) |
                        {'position': pos, 'visible': round(v, 3)})
     return Scene(np.clip(img, 0, 255).astype(np.uint8), mask, sorted(o['c'] for o, _ in kept),
                  make_caption(objects, tex, r_cap, cfg.caption_words), tex, objects)
