@@ -190,7 +190,7 @@ def headroom_table(res: dict) -> str:
             lines.append(f"  {name:30} {l:5.1f} vs {r:5.1f}  {'holds' if ok else 'fails'} (margin {margin:+.1f})")
     return '\n'.join(lines)
 
-# %% ../nbs/07c_headroom.ipynb #312d18a2
+# %% ../nbs/07c_headroom.ipynb #b6c0f5f1
 def _parse_set(items) -> dict:
     "KEY=VALUE pairs for `toy_config`: numbers, tuples as comma lists, words as strings."
     out = {}
@@ -201,6 +201,7 @@ def _parse_set(items) -> dict:
         except (ValueError, SyntaxError):
             val = tuple(s.strip() for s in v.split(',')) if ',' in v else v
         if isinstance(val, list): val = tuple(val)
+        if isinstance(getattr(ToyConfig(), k.strip(), None), tuple) and not isinstance(val, tuple): val = (val,)
         out[k.strip()] = val
     return out
 
