@@ -76,9 +76,11 @@ class ToyConfig:
 PRESETS = {'easy': ToyConfig(),  # issue 7's feasibility world: one colour per class, no noise, no clutter
            'default': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
                                 cooccurrence=0.6)}  # initial-CAM mIoU 0.73 with the shipped tiny CLIP (07b)
+PRESETS['large-parts'] = replace(PRESETS['default'], count_probs=(0.5, 0.5), scale=(0.30, 0.45), textured=1.0, body=0.5,
+                                 body_part=0.65)  # issue 18: the world closest to RFM's headroom targets (07c_headroom)
 
 def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
-    "The named preset ('easy' or 'default'), or the given config, with `changes` applied and checked."
+    "The named preset ('easy', 'default' or 'large-parts'), or the given config, with `changes` applied and checked."
     if isinstance(preset, ToyConfig): return replace(preset, **changes)
     if preset not in PRESETS: raise ToyError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}.')
     return replace(PRESETS[preset], **changes)
