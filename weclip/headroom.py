@@ -190,7 +190,7 @@ def headroom_table(res: dict) -> str:
             lines.append(f"  {name:30} {l:5.1f} vs {r:5.1f}  {'holds' if ok else 'fails'} (margin {margin:+.1f})")
     return '\n'.join(lines)
 
-# %% ../nbs/07c_headroom.ipynb #b6c0f5f1
+# %% ../nbs/07c_headroom.ipynb #7e94e79b
 def _parse_set(items) -> dict:
     "KEY=VALUE pairs for `toy_config`: numbers, tuples as comma lists, words as strings."
     out = {}
@@ -222,7 +222,7 @@ def main(argv=None):
                     help='RFM variant without a checkpoint (default: %(default)s)')
     ap.add_argument('--constant', type=float, default=0.5, help='the constant A_f (default: %(default)s)')
     ap.add_argument('--batch', type=int, default=16, help='scenes per batch (default: %(default)s)')
-    ap.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides)')
+    ap.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides; more than the free cores slows it down many times)')
     ap.add_argument('--device', default='cpu', help='cpu or cuda (default: %(default)s)')
     ap.add_argument('--json', help='also write the numbers to this file')
     a = ap.parse_args(argv)
