@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['SHAPES', 'TEXTURES', 'COLOURS', 'CLASS_COLOUR', 'PREFERRED', 'PRESETS', 'OUTLINES', 'ToyError', 'ToyConfig',
@@ -45,6 +46,9 @@ class ToyConfig:
     thin_parts: float = 0.0                    # P(an object grows 1-3 spokes of 1-2 px)
     clutter: float = 0.0                       # mean number (Poisson) of non-class distractor shapes
     cooccurrence: float = 0.0                  # P(the background is the largest object's PREFERRED texture)
+    body: float = 0.0                          # P(an object is a small class part on a large class-neutral grey body)
+    body_part: float = 0.45                    # the class part's radius, as a fraction of the body's
+    body_tint: float = 0.0                     # how much of the object's colour the grey body takes (0: none)
     caption_words: float = 0.5                 # P(each optional caption word: size, pattern, colour, position, background)
     patch: int = 8                             # patch size of the tiny CLIP that reads the images
 
@@ -63,16 +67,20 @@ class ToyConfig:
             raise ToyError(f'count_probs {p} must be non-negative and sum to 1 (P(1 object), P(2), ...).')
         if not 0 < self.scale[0] <= self.scale[1] <= 0.45:
             raise ToyError(f'scale {self.scale} must satisfy 0 < low <= high <= 0.45 (radius / image size).')
-        for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words'):
+        for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words', 'body',
+                  'body_tint'):
             if not 0 <= getattr(self, k) <= 1: raise ToyError(f'{k} = {getattr(self, k)} is a probability: use 0..1.')
         if self.clutter < 0 or self.colour_jitter < 0: raise ToyError('clutter and colour_jitter must be >= 0.')
+        if not 0.1 <= self.body_part <= 1: raise ToyError(f'body_part = {self.body_part}: the part is 0.1..1 of the body radius.')
 
 PRESETS = {'easy': ToyConfig(),  # issue 7's feasibility world: one colour per class, no noise, no clutter
            'default': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
                                 cooccurrence=0.6)}  # initial-CAM mIoU 0.73 with the shipped tiny CLIP (07b)
+PRESETS['large-parts'] = replace(PRESETS['default'], count_probs=(0.5, 0.5), scale=(0.30, 0.45), textured=1.0, body=0.5,
+                                 body_part=0.65)  # issue 18: the world closest to RFM's headroom targets (07c_headroom)
 
 def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
-    "The named preset ('easy' or 'default'), or the given config, with `changes` applied and checked."
+    "The named preset ('easy', 'default' or 'large-parts'), or the given config, with `changes` applied and checked."
     if isinstance(preset, ToyConfig): return replace(preset, **changes)
     if preset not in PRESETS: raise ToyError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}.')
     return replace(PRESETS[preset], **changes)
@@ -265,7 +273,7 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
     "Scene `index` of `split`: the same (seed, split, index, config) always gives the same scene."
     cfg = toy_config(config) if isinstance(config, str) else config
     S, C, palette = cfg.size, len(cfg.classes), list(COLOURS)
-    r_layout, r_look, r_bg, r_clutter, r_cap = scene_rngs(seed, index, split)
+    r_layout, r_look, r_bg, r_clutter, r_cap, r_body = scene_rngs(seed, index, split, 6)  # the first 5 as before
     n = min(int(r_layout.choice(len(cfg.count_probs), p=cfg.count_probs)) + 1, C)      # layout
     cls, rad = r_layout.choice(C, n, replace=False), r_layout.uniform(*cfg.scale, n) * S
     ang, cxy = r_layout.uniform(0, 2 * np.pi, n), r_layout.uniform(0, 1, (n, 2)) * (S - rad[:, None]) + rad[:, None] / 2
@@ -278,9 +286,19 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
         pat = (r_look.uniform(0, np.pi), r_look.uniform(4, 9) * S / 160, int(r_look.integers(3)))
         spokes = list(zip(r_look.uniform(0, 2 * np.pi, 3), r_look.uniform(1.45, 1.9, 3),
                           r_look.integers(1, 3, 3) * S / 160))[:1 + int(u[3] * 3)]
-        m, area = raster(shape_parts(name, rad[i], ang[i], *cxy[i], spokes if u[2] < cfg.thin_parts else ()), S)
+        spokes = spokes if u[2] < cfg.thin_parts else ()
+        ub, aspect, b_ang, off, grey = r_body.random(), *r_body.uniform((0.6, 0, 0, 100), (1, 2 * np.pi, 2 * np.pi, 170))
+        if ub < cfg.body:      # the body: an ellipse of the object's radius; the class shape, smaller, off its centre
+            body, b_area = raster([(_place(_ngon(32) * (1, aspect), rad[i], b_ang, *cxy[i]), False)], S)
+            rp, d = cfg.body_part * rad[i], 0.7 * max(0.0, aspect - cfg.body_part) * rad[i]
+            part, p_area = raster(shape_parts(name, rp, ang[i], *(cxy[i] + d * np.array([np.cos(off), np.sin(off)])),
+                                              spokes), S)
+            m, area = body | part, b_area + p_area - int((body & part).sum())
+        else:
+            (m, area), part = raster(shape_parts(name, rad[i], ang[i], *cxy[i], spokes), S), None
         masks.append(m); areas.append(area)
-        objs.append({'class': name, 'c': int(cls[i]), 'rgb': rgb, 'colour': colour, 'pat': pat,
+        objs.append({'class': name, 'c': int(cls[i]), 'rgb': rgb, 'colour': colour, 'pat': pat, 'part': part,
+                     'body_rgb': (1 - cfg.body_tint) * np.float32([grey] * 3) + cfg.body_tint * rgb, 'body': part is not None,
                      'pattern': _PATTERNS[pat[2]] if u[1] < cfg.textured else None, 'thin': bool(u[2] < cfg.thin_parts),
                      'size': 'small' if rad[i] < 0.14 * S else 'large' if rad[i] > 0.22 * S else None})
     keep, vis = keep_visible(masks, areas, cfg.min_visible)
@@ -292,17 +310,18 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
     mask, kept = np.zeros((S, S), np.uint8), []
     for o, m, kp, v in zip(objs, masks, keep, vis):                                      # objects, bottom to top
         if not kp: continue
-        fill = o['rgb']
+        fill, pm = o['rgb'], m if o['part'] is None else o['part']     # pm: the pixels in the class's colour
         if o['pattern']:
             alt = 0.45 * fill + 0.55 * (255 if fill.mean() < 110 else 0)
-            fill = np.where(_pattern(S, *o['pat'])[m][:, None], fill, alt)
-        img[m], mask[m] = fill, o['c'] + 1
+            fill = np.where(_pattern(S, *o['pat'])[pm][:, None], fill, alt)
+        if o['part'] is not None: img[m & ~pm] = o['body_rgb']
+        img[pm], mask[m] = fill, o['c'] + 1
         kept.append((o, v))
     objects = []
     for o, v in kept:
         ys, xs = np.nonzero(mask == o['c'] + 1)
         pos = _POSITIONS[min(int(3 * ys.mean() / S), 2)][min(int(3 * xs.mean() / S), 2)]
-        objects.append({k: o[k] for k in ('class', 'colour', 'size', 'pattern', 'thin')} |
+        objects.append({k: o[k] for k in ('class', 'colour', 'size', 'pattern', 'thin')} | ({'body': True} if o['body'] else {}) |
                        {'position': pos, 'visible': round(v, 3)})
     return Scene(np.clip(img, 0, 255).astype(np.uint8), mask, sorted(o['c'] for o, _ in kept),
                  make_caption(objects, tex, r_cap, cfg.caption_words), tex, objects)
@@ -310,8 +329,8 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
 # %% ../nbs/07_toyworld.ipynb #d5b290bd
 def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True):
     "Grid of scenes (and their masks under them); captions as titles."
-    import matplotlib.pyplot as plt
-    from weclip.data import voc_palette
+    import matplotlib.pyplot as plt            # optional dependency: only for pictures
+    from weclip.data import voc_palette  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
     pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
     nrows = -(-len(scenes) // ncols) * (2 if masks else 1)
     fig, axs = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
@@ -358,8 +377,7 @@ def write_toy_dataset(root, # dataset folder (created)
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from tqdm.auto import tqdm
-    from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (1.5 s)
+    from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (2.6 s measured)
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not progress)
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):

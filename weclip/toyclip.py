@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
+from tqdm.auto import tqdm
 
 from .backbone import TINY_CLIP, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
 from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, make_scene
-from .data import NORMS
+from .data import NORMS, voc_palette
 from .cam import initial_cam
+from .rfm import pseudo_labels
 from .prompts import text_features
 
 # %% auto #0
@@ -159,7 +161,6 @@ def render_scenes(n:int, # how many scenes
                   progress:bool=False,
                  ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     "Scenes 0..n-1 of `split`: images (n,S,S,3) uint8, captions, labels (n,C) float32, masks (n,S,S) uint8."
-    from tqdm.auto import tqdm
     cfg = toy_config(preset, size=size)
     imgs, masks = np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), np.uint8)
     caps, labels = [], np.zeros((n, len(cfg.classes)), np.float32)
@@ -204,7 +205,6 @@ def train_tiny_clip(steps:int=800, # optimiser steps
                     device:str='cpu', progress:bool=True,
                    ) -> dict:
     "Train the tiny CLIP on toy image–caption pairs with terms (a)–(f); writes `out`, returns a summary."
-    from tqdm.auto import tqdm
     out = Path(out); ckpt = out.with_suffix('.ckpt'); out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -356,7 +356,6 @@ def measure_tiny_clip(clip:nn.Module, # a tiny CLIP (e.g. `load_tiny_clip()`)
                       templates:tuple=(TRAIN_TEMPLATE, 'a clean origami {}.'), # prompt templates to compare
                       threshold:float=0.5, batch:int=16) -> dict:
     "Zero-shot mAP and initial-CAM IoU on toy val (with and without the background set, and + background score and PAR), and two trivial baselines."
-    from weclip.rfm import pseudo_labels
     imgs, _, labels, masks = render_scenes(n_val, seed, preset, size, 'val')
     x, y, gt = to_input(imgs), torch.from_numpy(labels), torch.from_numpy(masks).long()
     fc, tok, n = FrozenCLIP(clip, TINY_CLIP), open_clip.get_tokenizer(TINY_CLIP), len(SHAPES) + 1
@@ -409,8 +408,7 @@ def show_toy_cams(images:np.ndarray, # (B, H, W, 3) uint8
                   pseudo:torch.Tensor, # (B, H, W) M_p
                   names:tuple=SHAPES):
     "One row per scene: image, true mask, each labelled class's CAM over the image, pseudo label."
-    import matplotlib.pyplot as plt
-    from weclip.data import voc_palette
+    import matplotlib.pyplot as plt  # optional dependency: only for pictures
     pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
     k = max(1, int((cams.flatten(2).amax(-1) > 0).sum(1).max()))
     B, (H, W) = len(images), images.shape[1:3]
