@@ -174,8 +174,9 @@ class FrozenCLIP(nn.Module):
 
     def __repr__(self):
         return (f"FrozenCLIP({self.model_name or 'custom'}: {self.depth} blocks, width {self.width}, "
-                f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim}, {self.pos_interp} positions, "
-                f"{self.numerics} numerics)")
+                f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim}"
+                + (f", {self.pos_interp} positions" if self.pos_interp != 'bicubic' else '')
+                + (f", {self.numerics} numerics" if self.numerics != 'clean' else '') + ")")
 
 # %% ../nbs/00_backbone.ipynb #bef76b1c
 def resize_pos_embed(pe: torch.Tensor, # (1+h0*w0, D) class token's embedding first, then the grid row by row
