@@ -33,19 +33,24 @@ class WeCLIP(nn.Module):
                  aff_radius: int = 8, # affinity pairs farther apart (on the grid) are ignored
                  rfm: bool = True, # False: the static refinement throughout (the paper's "without RFM" ablation)
                  rfm_power: int = 2, # α, the power of RFM's transition matrix (paper and official 2)
-                 supervision: str = 'weak'): # 'weak': pseudo labels; 'full': the true masks (the upper bound)
+                 supervision: str = 'weak', # 'weak': pseudo labels; 'full': the true masks (the upper bound)
+                 numerics: str = 'clean', # 'official': the official code's float16 islands and float32 RFM sums (bit-for-bit on a CPU)
+                 pos_interp: str | None = None): # positional-embedding resize; None: 'bilinear' official, 'bicubic' paper
         super().__init__()
+        if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
         if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
         if supervision not in ('weak', 'full'): raise ValueError(f"supervision must be 'weak' or 'full', got {supervision!r}.")
         if not (isinstance(rfm_power, int) and rfm_power >= 1): raise ValueError(f"rfm_power (α) must be an integer >= 1, got {rfm_power!r}.")
         self.rfm, self.supervision, self.rfm_power = rfm, supervision, rfm_power
-        self.backbone, self.variant = backbone, variant
+        self.backbone, self.variant, self.numerics = backbone, variant, numerics
+        backbone.pos_interp = pos_interp or ('bilinear' if variant == 'official' else 'bicubic')  # the official upsample_pos_emb
+        backbone.numerics = numerics
         self.register_buffer('fg_text', fg_text.float(), persistent=False)
         self.register_buffer('bg_text', bg_text.float(), persistent=False)
         self.n_classes = fg_text.shape[0] + 1
         n = decoder_blocks or (backbone.depth if variant == 'paper' else backbone.depth - 1)
         if not 1 <= n <= backbone.depth: raise ValueError(f"decoder_blocks={n} must lie in 1..{backbone.depth}.")
-        self.decoder = Decoder(backbone.width, self.n_classes, n_blocks=n, dim=decoder_dim)
+        self.decoder = Decoder(backbone.width, self.n_classes, n_blocks=n, dim=decoder_dim, numerics=numerics)
         self.rfm_start, self.rfm_layers, self.box_threshold = rfm_start, rfm_layers, box_threshold
         self.aff_weight, self.aff_radius = aff_weight, aff_radius
 
@@ -60,7 +65,8 @@ class WeCLIP(nn.Module):
 def _from_config(cls, cfg, classes=None) -> WeCLIP:
     "The WeCLIP model of a `TrainConfig` (`classes`: the dataset's class names, used for the toy world)."
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
-    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=cfg.device)
+    numerics = getattr(cfg, 'numerics', 'clean')
+    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=cfg.device, numerics=numerics)
     tok = open_clip.get_tokenizer(cfg.model)
     if cfg.dataset in ('voc', 'coco'):
         fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
@@ -69,13 +75,13 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
         if not classes: raise ValueError("The toy world's class names are needed: pass classes=dataset.classes.")
         fg, bg = tuple(classes), TEXTURES
     tpl = prompt_templates(cfg.variant)
-    fg_text = text_features(backbone.clip, tok, fg, tpl, device=cfg.device)
-    bg_text = text_features(backbone.clip, tok, bg, tpl, device=cfg.device)
+    fg_text = text_features(backbone, tok, fg, tpl, device=cfg.device)   # through the backbone: its numerics apply
+    bg_text = text_features(backbone, tok, bg, tpl, device=cfg.device)
     return cls(backbone, fg_text, bg_text, variant=cfg.variant, decoder_blocks=cfg.decoder_blocks,
                decoder_dim=cfg.decoder_dim, rfm_start=cfg.rfm_start, rfm_layers=cfg.rfm_layers,
                box_threshold=cfg.box_threshold, aff_weight=cfg.aff_weight, aff_radius=cfg.aff_radius,
                rfm=getattr(cfg, 'rfm', True), supervision=getattr(cfg, 'supervision', 'weak'),
-               rfm_power=getattr(cfg, 'rfm_power', 2))
+               rfm_power=getattr(cfg, 'rfm_power', 2), numerics=numerics)
 WeCLIP.from_config = classmethod(_from_config)
 
 # %% ../nbs/08_model.ipynb #61ad8573
@@ -109,7 +115,8 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
         boxes = boxes_fn(M_init, self.box_threshold)
         M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
                         iteration=(None if iteration is None else iteration + 1) if self.rfm else 0, switch_on=self.rfm_start,
-                        n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power)
+                        n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power,
+                        numerics=self.numerics)
         M_p = labels_fn(images.float(), M_f, labels, valid)
     losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
                          seg_variant=self.variant, aff_variant=self.variant)

@@ -53,10 +53,11 @@ def _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers):
 def layer_difference(A_f: torch.Tensor,  # (B, hw, hw) decoder affinity
                      attn: torch.Tensor,  # (B, L, hw, hw) the considered CLIP attention maps A_s^l
                      abs_diff: bool = False,  # paper: sum of |A_f - A_s^l|; official: signed sum
+                     dtype: torch.dtype = torch.float64,  # float64 (clean numerics) or float32 (the official code's)
                     ) -> torch.Tensor:  # S, (B, L)
-    "S^l: the summed difference between A_f and each attention map, summed in float64 (see below)."
-    d = A_f.unsqueeze(1).double() - attn.double()
-    return (d.abs() if abs_diff else d).sum((-2, -1))
+    "S^l: the summed difference between A_f and each attention map, summed in `dtype` (see below)."
+    d = A_f.unsqueeze(1).to(dtype) - attn.to(dtype)
+    return (d.abs() if abs_diff else d).flatten(2).sum(-1)
 
 # %% ../nbs/04_rfm.ipynb #0af813d0
 def layer_filter(S: torch.Tensor,  # (B, L) layer differences
@@ -74,12 +75,16 @@ def refining_map(A_f: torch.Tensor,  # (B, hw, hw) decoder affinity
                  n_layers: int = 6,  # consider the last n_layers maps (official VOC 6, COCO 10; paper N0=6 -> 7)
                  abs_diff: bool = False,  # see `layer_difference`
                  strict: bool = False,  # see `layer_filter`
+                 numerics: str = 'clean',  # 'official': float32 sums, kept maps averaged as the official code does
                 ) -> torch.Tensor:  # R, (B, hw, hw)
     "R: A_f times the mean of the attention maps that `layer_filter` keeps."
     A_s = attn[:, -n_layers:].float()
     A_f = A_f.float()
-    G = layer_filter(layer_difference(A_f, A_s, abs_diff), strict)           # (B, L)
-    kept = torch.einsum('bl,blij->bij', G, A_s) / (G.sum(1)[:, None, None] + 1e-5)
+    official = numerics == 'official'
+    S = layer_difference(A_f, A_s, abs_diff, dtype=torch.float32 if official else torch.float64)
+    G = layer_filter(S, strict)                                               # (B, L)
+    if official: kept = (G[:, :, None, None] * A_s).sum(1) / (G.sum(1) + 1e-5)[:, None, None]   # a masked sum, as written there
+    else: kept = torch.einsum('bl,blij->bij', G, A_s) / (G.sum(1)[:, None, None] + 1e-5)
     return A_f * kept
 
 def warmup_map(attn: torch.Tensor,  # (B, N, hw, hw) all CLIP attention maps
@@ -132,11 +137,13 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
                n_rounds: int = 3,  # Sinkhorn rounds
                alpha: int = 2,  # power α
                power: str = 'matrix',  # 'matrix' or 'elementwise' power
+               numerics: str = 'clean',  # 'official': layer differences summed in float32, as the official code
               ) -> torch.Tensor:  # M_f, (B, C, h, w) in [0, 1]
     "M_f: the initial CAM propagated by RFM's transition matrix inside each class's boxes, min-max normalised."
     _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers)
     B, C, h, w = M_init.shape
-    if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict)
+    if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
+    if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict, numerics)
     else: R = warmup_map(attn, n_warmup_layers)
     T = transition(R, n_rounds, alpha, power)                              # (B, hw, hw), once per image
     present = labels.bool()[:, :, None, None]
@@ -146,14 +153,15 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
 
 # %% ../nbs/04_rfm.ipynb #88c4b635
 def refine_cam_reference(M_init, labels, attn, A_f, boxes, iteration=None, switch_on=SWITCH_ON, n_layers=6,
-                         n_warmup_layers=8, abs_diff=False, strict=False, alpha=2):
+                         n_warmup_layers=8, abs_diff=False, strict=False, alpha=2, numerics='clean'):
     "Plain M_f, one image and one class at a time, as the official code walks them (`refine_cam` is the batched one)."
     B, C, h, w = M_init.shape
     out = torch.zeros(B, C, h, w, device=M_init.device)
     for b in range(B):
         if iteration is None or iteration > switch_on:
             maps = attn[b, -n_layers:]
-            S = [((A_f[b].double() - A.double()).abs() if abs_diff else (A_f[b].double() - A.double())).sum() for A in maps]
+            dt = torch.float32 if numerics == 'official' else torch.float64          # the official code sums in float32
+            S = [((A_f[b].to(dt) - A.to(dt)).abs() if abs_diff else (A_f[b].to(dt) - A.to(dt))).sum() for A in maps]
             thr = sum(S) / len(S)
             kept = [A for A, s in zip(maps, S) if (s < thr if strict else s <= thr)]
             if not kept: kept = list(maps)                           # strict rule, all tied
