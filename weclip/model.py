@@ -8,7 +8,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP
 from .prompts import class_names, background_names, prompt_templates, text_features
-from .cam import initial_cam, box_mask
+from .cam import initial_cam, initial_cam_official, box_mask
 from .decoder import Decoder, affinity, count_params
 from .rfm import refine_cam, pseudo_labels
 from .losses import weclip_loss
@@ -95,7 +95,10 @@ def _forward(self: WeCLIP,
     valid = batch['valid'].to(dev) if 'valid' in batch else None
     out = self.backbone(images)
     with torch.autocast(dev.type, enabled=False):  # Grad-CAM and the CAM arithmetic in fp32
-        M_init = initial_cam(out, labels, self.fg_text, self.bg_text, self.backbone.clip.logit_scale.exp(), self.variant)
+        scale = self.backbone.clip.logit_scale.exp()
+        if self.numerics == 'official':  # per image and class, as the official Grad-CAM (bit for bit on a CPU)
+            M_init = initial_cam_official(self.backbone, out, labels, self.fg_text, self.bg_text, scale, self.variant)
+        else: M_init = initial_cam(out, labels, self.fg_text, self.bg_text, scale, self.variant)
     target = None
     if self.supervision == 'full' and (self.training or batch.get('mask') is not None):  # evaluation may inspect M_p
         if batch.get('mask') is None:

@@ -165,7 +165,9 @@ def text_features(clip_model, tokenizer:Callable, names:Sequence[str], templates
     check_prompts_fit(tokenizer, flat, context_length_of(clip_model, tokenizer))
     with torch.no_grad():
         tokens = tokenizer(flat).to(p0.device)                                       # (P, L)
-        emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split(batch_size)])  # (P, E)
+        if getattr(clip_model, 'numerics', 'clean') == 'official':   # class by class, as the official zeroshot_classifier
+            emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split([len(ps) for ps in prompts])])
+        else: emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split(batch_size)])  # (P, E)
         emb = F.normalize(emb, dim=-1)
         per_class = emb.split([len(ps) for ps in prompts])                           # C tensors (P_c, E)
         feats = F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1).to(device)  # (C, E)
