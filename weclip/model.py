@@ -120,7 +120,7 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
                         iteration=(None if iteration is None else iteration + 1) if self.rfm else 0, switch_on=self.rfm_start,
                         n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power,
                         numerics=self.numerics)
-        M_p = labels_fn(images.float(), M_f, labels, valid)
+        M_p = labels_fn(images.float(), M_f, labels, valid, **({'numerics': 'official'} if self.numerics == 'official' else {}))
     losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
                          seg_variant=self.variant, aff_variant=self.variant)
     return dict(losses, P=P, A_f=A_f, M_init=M_init, M_f=M_f, M_p=M_p)

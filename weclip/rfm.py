@@ -5,13 +5,14 @@
 # %% ../nbs/04_rfm.ipynb #5761529d
 from __future__ import annotations
 import math
+import numpy as np
 import torch, torch.nn.functional as F
 from .data import IGNORE  # 255: the value no loss or metric looks at
 
 # %% auto #0
 __all__ = ['SWITCH_ON', 'SWITCH_ON_EFFECTIVE', 'PAR_DILATIONS', 'layer_difference', 'layer_filter', 'refining_map', 'warmup_map',
            'sinkhorn', 'transition', 'refine_cam', 'refine_cam_reference', 'par_affinity', 'par', 'par_reference',
-           'pseudo_labels', 'pseudo_labels_reference']
+           'par_official', 'pseudo_labels', 'pseudo_labels_reference']
 
 # %% ../nbs/04_rfm.ipynb #125705ba
 SWITCH_ON = 15_000           # official: RFM replaces the plain attention mean after this many steps
@@ -272,7 +273,58 @@ def par_reference(image, cam, n_iter=20, dilations=PAR_DILATIONS, w1=0.3, w2=0.0
         out.append(m)
     return torch.stack(out)
 
+# %% ../nbs/04_rfm.ipynb #040c4c61
+def _neighbours(x: torch.Tensor, dilations) -> torch.Tensor:
+    "(B, K, H, W) -> (B, K, J, H, W): each pixel's neighbours, replicate padding, in `_offsets` order."
+    H, W = x.shape[-2:]
+    out = []
+    for d in dilations:
+        xp = F.pad(x, [d] * 4, mode='replicate')
+        out += [xp[..., d + dy * d: d + dy * d + H, d + dx * d: d + dx * d + W] for dy, dx in _DIRECTIONS]
+    return torch.stack(out, 2)
+
+@torch.no_grad()
+def par_official(image: torch.Tensor,  # (B, 3, H, W) normalised image
+                 cam: torch.Tensor,  # (B, K, H, W) maps to refine
+                 n_iter: int = 20, dilations=PAR_DILATIONS, w1: float = 0.3, w2: float = 0.01,
+                ) -> torch.Tensor:  # (B, K, H, W)
+    "PAR in the official module's order of operations, image by image (bit for bit with it on a CPU)."
+    out = []
+    for img, x in zip(image.float(), cam.float()):
+        img, x = img[None], x[None]
+        J, (H, W) = 8 * len(dilations), img.shape[-2:]
+        nb = _neighbours(img, dilations)                                           # (1, 3, J, H, W)
+        diag = torch.ones(8); diag[[0, 2, 5, 7]] = math.sqrt(2)                    # rounded to float32 first
+        pos = torch.cat([diag * d for d in dilations]).to(img.device).view(1, 1, J, 1, 1).repeat(1, 1, 1, H, W)
+        aff = -((nb - img.unsqueeze(2)).abs() / (nb.std(2, keepdim=True) + 1e-8) / w1) ** 2
+        pos_aff = -(pos / (pos.std(2, keepdim=True) + 1e-8) / w1) ** 2
+        a = aff.mean(1, keepdim=True).softmax(2) + w2 * pos_aff.softmax(2)        # (1, 1, J, H, W)
+        for _ in range(n_iter): x = (_neighbours(x, dilations) * a).sum(2)
+        out.append(x[0])
+    return torch.stack(out)
+
 # %% ../nbs/04_rfm.ipynb #a5b9f737
+def _resize_official(m: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    "A (h, w) map resized to (H, W) bilinearly as the official code does: cv2.resize when OpenCV is installed."
+    try: import cv2
+    except ImportError: return F.interpolate(m[None, None].float(), size=(H, W), mode='bilinear', align_corners=False)[0, 0]
+    return torch.from_numpy(cv2.resize(m.float().cpu().numpy(), (W, H))).to(m.device)
+
+def _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore):
+    "M_p image by image, as the official code: its classes' maps resized, background (1 - max)^β in front, `par_official`."
+    B, C, h, w = M_f.shape
+    H, W = image.shape[-2:]
+    out = []
+    for b in range(B):
+        keys = labels[b].nonzero()[:, 0].tolist()
+        cams = torch.stack([_resize_official(M_f[b, c], H, W) for c in keys]) if keys else M_f.new_zeros(0, H, W)
+        bg = torch.pow(1 - cams.max(0, keepdim=True)[0], bg_power) if keys else M_f.new_ones(1, H, W)
+        scores = par_official(image[b:b + 1], torch.cat([bg, cams])[None], n_iter, dilations, w1, w2)[0]
+        M_p = torch.tensor([0] + [c + 1 for c in keys], device=scores.device)[scores.argmax(0)]
+        if valid is not None: M_p = M_p.masked_fill(~valid[b].bool(), ignore)
+        out.append(M_p)
+    return torch.stack(out)
+
 @torch.no_grad()
 def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the crop the model saw)
                   M_f: torch.Tensor,  # (B, C, h, w) refined CAMs on the patch grid
@@ -283,6 +335,7 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
                   dilations=PAR_DILATIONS,  # PAR neighbour rings
                   w1: float = 0.3, w2: float = 0.01,  # PAR weights
                   ignore: int = IGNORE,  # label of pixels outside `valid`
+                  numerics: str = 'clean',  # 'official': image by image, OpenCV's resize (if installed), `par_official`
                  ) -> torch.Tensor:  # M_p, (B, H, W) long: 0 background, c+1 class c, `ignore`
     "M_p: pseudo labels from the refined CAM, background score and PAR, restricted to each image's classes."
     if not torch.is_tensor(M_f) or M_f.ndim != 4:
@@ -297,6 +350,8 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
                          "multiple of the grid). Pass the CAMs and the crop of the same images.")
     if valid is not None and valid.shape != (B, H, W):
         raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
+    if numerics == 'official':
+        return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
     present = labels.bool()
     K = int(present.sum(1).max())
     order = torch.sort(present.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
