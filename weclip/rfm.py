@@ -148,6 +148,11 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
     else: R = warmup_map(attn, n_warmup_layers)
     T = transition(R, n_rounds, alpha, power)                              # (B, hw, hw), once per image
     present = labels.bool()[:, :, None, None]
+    if numerics == 'official':  # one masked matrix-vector product per image and class: a batched product rounds differently
+        M_f = M_init.new_zeros(B, C, h, w, dtype=torch.float32)
+        for b, c in labels.bool().nonzero().tolist():
+            M_f[b, c] = ((T[b] * boxes[b, c].flatten().float()[None]) @ M_init[b, c].float().flatten()[:, None]).view(h, w)
+        return _minmax(M_f) * present
     src = (M_init.float() * boxes * present).flatten(2)                    # (B, C, hw)
     M_f = torch.bmm(src, T.transpose(1, 2)).view(B, C, h, w)             # M_f[c, i] = sum_j T[i, j] src[c, j]
     return _minmax(M_f) * present
