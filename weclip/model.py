@@ -35,7 +35,7 @@ class WeCLIP(nn.Module):
                  rfm_power: int = 2, # α, the power of RFM's transition matrix (paper and official 2)
                  supervision: str = 'weak', # 'weak': pseudo labels; 'full': the true masks (the upper bound)
                  numerics: str = 'clean', # 'official': the official code's float16 islands and float32 RFM sums (bit-for-bit on a CPU)
-                 pos_interp: str | None = None): # positional-embedding resize; None: 'bilinear' official, 'bicubic' paper
+                 pos_interp: str | None = None): # positional-embedding resize; None: 'bilinear' for the official variant on ViT-B-16, else 'bicubic'
         super().__init__()
         if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
         if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
@@ -43,7 +43,8 @@ class WeCLIP(nn.Module):
         if not (isinstance(rfm_power, int) and rfm_power >= 1): raise ValueError(f"rfm_power (α) must be an integer >= 1, got {rfm_power!r}.")
         self.rfm, self.supervision, self.rfm_power = rfm, supervision, rfm_power
         self.backbone, self.variant, self.numerics = backbone, variant, numerics
-        backbone.pos_interp = pos_interp or ('bilinear' if variant == 'official' else 'bicubic')  # the official upsample_pos_emb
+        official_vit = variant == 'official' and backbone.model_name == 'ViT-B-16'   # the model the official upsample_pos_emb serves
+        backbone.pos_interp = pos_interp or ('bilinear' if official_vit else 'bicubic')
         backbone.numerics = numerics
         self.register_buffer('fg_text', fg_text.float(), persistent=False)
         self.register_buffer('bg_text', bg_text.float(), persistent=False)
