@@ -47,3 +47,21 @@ def test_offline_openai_without_cache_names_both_ways(tmp_path, monkeypatch):
         load_clip('ViT-B-16', 'openai', cache_dir=str(tmp_path), download=False)
     msg = str(e.value)
     assert "pretrained='openai'" in msg and '/path/to/ViT-B-16.pt' in msg
+
+
+def test_offline_download_fails_fast_with_the_right_option(tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE), the missing weights get one line at once, naming --weights, the option train takes."""
+    from weclip.backbone import load_clip, BackboneError
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(BackboneError) as e:
+        load_clip('ViT-B-16', 'openai', cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert 'cannot be downloaded: HF_HUB_OFFLINE is set' in msg and '--weights /path/to/ViT-B-16.pt' in msg, msg
+    assert '--clip-weights' not in msg
+
+
+def test_loading_the_shipped_weights_prints_no_warning():
+    r = subprocess.run([sys.executable, '-W', 'error::FutureWarning', '-c',
+                        'from weclip.backbone import load_clip, TINY_CLIP; load_clip(TINY_CLIP, "toy")'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'FutureWarning' not in r.stderr, r.stderr[-2000:]

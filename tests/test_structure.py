@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / 'weclip'
-OPTIONAL = ('matplotlib', 'pydensecrf', 'torch.utils.tensorboard', 'huggingface_hub')   # not needed to train or evaluate
+OPTIONAL = ('matplotlib', 'pydensecrf', 'torch.utils.tensorboard', 'huggingface_hub', 'cv2')   # not needed to train or evaluate
 
 
 def modules():
@@ -43,3 +43,18 @@ def test_no_import_cycle_and_train_on_top():
     assert not [m for m in graph if 'train' in graph[m]], 'nothing imports the trainer'
     for m in ('config', 'checkpoint', 'metrics'): assert m in below('train') and m in below('evaluate') | {'checkpoint'}
 
+
+
+def test_function_level_imports_say_why():
+    """An import inside a function is for an optional dependency, or its line says why (a measured start-up cost)."""
+    bad = []
+    for p in PKG.glob('*.py'):
+        if p.stem.startswith('_'): continue
+        lines = p.read_text().splitlines()
+        for f in [n for n in ast.walk(ast.parse(lines and '\n'.join(lines))) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(f):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)): continue
+                names = [node.module or ''] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                if all(n.startswith(OPTIONAL) for n in names) or '#' in lines[node.lineno - 1]: continue
+                bad.append(f'{p.name}:{node.lineno}: {lines[node.lineno - 1].strip()}')
+    assert not bad, 'imports inside functions without a reason:\n' + '\n'.join(sorted(set(bad)))

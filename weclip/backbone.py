@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_backbone.ipynb #af18d51c
 from __future__ import annotations
-import os, sys, argparse, logging, time
+import os, sys, argparse, logging, math, resource, socket, statistics, time, warnings
+from urllib.parse import urlparse
 from importlib import resources
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
-from open_clip.transformer import VisionTransformer, ResidualAttentionBlock
+from open_clip.transformer import VisionTransformer, ResidualAttentionBlock, text_global_pool
 
 # %% auto #0
-__all__ = ['LOCAL_PRETRAINED', 'TINY_CLIP', 'TINY_CLIP_CFG', 'TINY_CLIP_TAG', 'BackboneError', 'check_model_name',
-           'openai_quick_gelu', 'read_clip_weights', 'load_clip', 'FrozenCLIP', 'register_model_config',
-           'show_attention', 'measure_forward', 'main']
+__all__ = ['LOCAL_PRETRAINED', 'POS_INTERP', 'NUMERICS', 'TINY_CLIP', 'TINY_CLIP_CFG', 'TINY_CLIP_TAG', 'BackboneError',
+           'check_model_name', 'openai_quick_gelu', 'read_clip_weights', 'load_clip', 'check_choice', 'FrozenCLIP',
+           'resize_pos_embed', 'attention', 'register_model_config', 'show_attention', 'measure_forward', 'main']
 
 # %% ../nbs/00_backbone.ipynb #9d34bd9f
 class BackboneError(ValueError):
@@ -24,7 +25,7 @@ class BackboneError(ValueError):
 _WAYS = ("Supply CLIP weights in one of two ways: (1) online once, let open_clip fill its cache: "
          "`python -c \"import open_clip; open_clip.create_model('{name}', pretrained='openai')\"`; "
          "(2) offline, download OpenAI's {name}.pt (or an open_clip state dict) yourself and pass its path: "
-         "`weights='/path/to/{name}.pt'` (`--clip-weights /path/to/{name}.pt` on the command line).")
+         "`weights='/path/to/{name}.pt'` (`--weights /path/to/{name}.pt` on the command line).")
 
 def check_model_name(model_name: str) -> str:
     "Raise a `BackboneError` naming valid choices unless `model_name` is an open_clip ViT."
@@ -47,7 +48,10 @@ def read_clip_weights(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"CLIP weights file {path} does not exist. Check the path, or download the weights "
                             "again (OpenAI's ViT-B-16.pt or an open_clip state dict).")
-    try: sd = torch.jit.load(str(path), map_location='cpu').state_dict()  # OpenAI's archive
+    try:
+        with warnings.catch_warnings():   # torch 2.9+ calls jit.load deprecated; OpenAI's archive is one all the same
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.*', category=FutureWarning)
+            sd = torch.jit.load(str(path), map_location='cpu').state_dict()
     except Exception:
         try: sd = torch.load(str(path), map_location='cpu', weights_only=True)
         except Exception as e:
@@ -90,6 +94,15 @@ def _cached_pretrained(model_name, tag, cache_dir):
     return None
 
 # %% ../nbs/00_backbone.ipynb #1d3a6de9
+def _offline(pretrained_cfg: dict) -> str | None:
+    "Why a download cannot work now (HF_HUB_OFFLINE, or no answer from the host within 3 s), or None: one short try, no minute of retries."
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'): return 'HF_HUB_OFFLINE is set'
+    url = pretrained_cfg.get('url') or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+    host = urlparse(url).hostname or 'huggingface.co'
+    try: socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e: return f'{host} does not answer ({type(e).__name__}; offline?)'
+    return None
+
 def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
               weights: str | os.PathLike | None = 'openai', # open_clip tag, local file, or None for random init
               device: str | torch.device = 'cpu',
@@ -108,14 +121,16 @@ def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
         path = weights if Path(str(weights)).expanduser().is_file() or os.sep in str(weights) else None
         if path is None:  # a pretrained tag
             path = _cached_pretrained(model_name, str(weights), cache_dir)
-            if path is None and download:
+            offline = _offline(open_clip.get_pretrained_cfg(model_name, str(weights))) if path is None and download else None
+            if path is None and download and not offline:
                 try: path = open_clip.pretrained.download_pretrained(
                         open_clip.get_pretrained_cfg(model_name, str(weights)), cache_dir=cache_dir)
                 except Exception: path = None
             if not path:
                 raise BackboneError(f"{model_name} weights {weights!r} are not in open_clip's cache "
-                                    f"({cache_dir or 'its default folder'})" + (" and could not be downloaded"
-                                    if download else "") + ". " + _WAYS.format(name=model_name))
+                                    f"({cache_dir or 'its default folder'})" + (f" and cannot be downloaded: {offline}"
+                                    if offline else " and could not be downloaded" if download else "") + ". "
+                                    + _WAYS.format(name=model_name))
         sd = read_clip_weights(path)
         try: model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
@@ -125,10 +140,21 @@ def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
     return model.to(device).eval()
 
 # %% ../nbs/00_backbone.ipynb #1ee2c129
+POS_INTERP = ('bicubic', 'bilinear')
+NUMERICS = ('clean', 'official')
+
+def check_choice(name: str, value, choices):
+    "Raise a ValueError naming `name`, the bad `value` and the valid `choices`."
+    if value not in choices: raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
 class FrozenCLIP(nn.Module):
     "A frozen open_clip ViT: per-block tokens and attention maps from one pass, at any multiple of the patch size."
-    def __init__(self, clip_model: nn.Module, model_name: str | None = None):
+    def __init__(self, clip_model: nn.Module, model_name: str | None = None,
+                 pos_interp: str = 'bicubic', # resizing of the positional embedding: 'bicubic' (open_clip) or 'bilinear' (official WeCLIP)
+                 numerics: str = 'clean', # 'clean': fp32 throughout; 'official': fp16 embedding and attention out-projections
+                ):
         super().__init__()
+        check_choice('pos_interp', pos_interp, POS_INTERP); check_choice('numerics', numerics, NUMERICS)
         v = getattr(clip_model, 'visual', None)
         if not isinstance(v, VisionTransformer) or v.attn_pool is not None:
             raise BackboneError("FrozenCLIP needs an open_clip CLIP whose image tower is a plain VisionTransformer "
@@ -143,7 +169,8 @@ class FrozenCLIP(nn.Module):
         if ph != pw: raise BackboneError(f"Only square patches are supported, got {ph}x{pw}.")
         self.patch_size, self.depth = ph, len(v.transformer.resblocks)
         self.width, self.heads, self.embed_dim = v.transformer.width, v.transformer.resblocks[0].attn.num_heads, v.output_dim
-        self._pos = {}  # (gh, gw, device, dtype) -> (1+gh*gw, D) positional embedding
+        self.pos_interp, self.numerics = pos_interp, numerics
+        self._pos = {}  # (gh, gw, device, dtype, pos_interp, numerics) -> (1+gh*gw, D) positional embedding
         self.eval()
 
     @property
@@ -155,45 +182,71 @@ class FrozenCLIP(nn.Module):
         return super().train(False)
 
     @classmethod
-    def from_pretrained(cls, model_name='ViT-B-16', weights='openai', device='cpu', **kwargs):
+    def from_pretrained(cls, model_name='ViT-B-16', weights='openai', device='cpu', pos_interp='bicubic',
+                        numerics='clean', **kwargs):
         "Load CLIP with `load_clip` and wrap it."
-        return cls(load_clip(model_name, weights, device=device, **kwargs), model_name)
+        return cls(load_clip(model_name, weights, device=device, **kwargs), model_name, pos_interp, numerics)
 
     def __repr__(self):
         return (f"FrozenCLIP({self.model_name or 'custom'}: {self.depth} blocks, width {self.width}, "
-                f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim})")
+                f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim}"
+                + (f", {self.pos_interp} positions" if self.pos_interp != 'bicubic' else '')
+                + (f", {self.numerics} numerics" if self.numerics != 'clean' else '') + ")")
 
 # %% ../nbs/00_backbone.ipynb #bef76b1c
+def resize_pos_embed(pe: torch.Tensor, # (1+h0*w0, D) class token's embedding first, then the grid row by row
+                     old_grid: tuple[int, int], # (h0, w0) the grid the embedding was trained for
+                     new_grid: tuple[int, int], # (h, w) the grid to resize to
+                     mode: str = 'bicubic', # 'bicubic' (open_clip) or 'bilinear' (official WeCLIP), align_corners=False
+                     fp16: bool = False, # round the result to float16 (official WeCLIP's `upsample_pos_emb`)
+                    ) -> torch.Tensor:
+    "(1+h*w, D) positional embedding for a new grid: the grid part resized, the class token's kept."
+    check_choice('mode', mode, POS_INTERP)
+    (h0, w0), (h, w) = old_grid, new_grid
+    grid = pe[1:]
+    if (h, w) != (h0, w0):
+        g = pe[1:].reshape(1, h0, w0, -1).permute(0, 3, 1, 2).float()           # (1, D, h0, w0)
+        g = F.interpolate(g, size=(h, w), mode=mode, align_corners=False)
+        grid = g.to(pe.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)
+    out = torch.cat([pe[:1], grid])
+    return out.half().to(pe.dtype) if fp16 else out
+
 @torch.no_grad()
 def _pos_embed(self: FrozenCLIP, gh: int, gw: int) -> torch.Tensor:
-    "(1+gh*gw, D) positional embedding for a gh×gw patch grid: the grid part resized bicubically, cached."
+    "(1+gh*gw, D) positional embedding for a gh×gw patch grid, resized as `pos_interp` says (fp16-rounded under official numerics), cached."
     pe = self.visual.positional_embedding
-    key = (gh, gw, pe.device, pe.dtype)
+    key = (gh, gw, pe.device, pe.dtype, self.pos_interp, self.numerics)
     if key not in self._pos:
-        h0, w0 = self.visual.grid_size
-        if (gh, gw) == (h0, w0): self._pos[key] = pe.detach().clone()
-        else:
-            grid = pe[1:].reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, D, h0, w0)
-            grid = F.interpolate(grid.float(), size=(gh, gw), mode='bicubic', align_corners=False)
-            self._pos[key] = torch.cat([pe[:1], grid.to(pe.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+        self._pos[key] = resize_pos_embed(pe.detach(), self.visual.grid_size, (gh, gw), self.pos_interp,
+                                          fp16=self.numerics == 'official')
     return self._pos[key]
 FrozenCLIP.pos_embed = _pos_embed
 
 # %% ../nbs/00_backbone.ipynb #438e1b19
-def _attention(mha: nn.MultiheadAttention, x: torch.Tensor):
-    "Self-attention of `mha` on x (B,T,D): output (B,T,D) and probabilities averaged over heads (B,T,T)."
+def attention(mha: nn.MultiheadAttention, # the block's attention (in_proj_weight, out_proj)
+              x: torch.Tensor, # (B,T,D) the normalised tokens
+              mask: torch.Tensor | None = None, # (T,T) additive mask (the text tower's causal mask)
+              fp16_out: bool = False, # official WeCLIP: the output projection in float16 (its clip/myAtt.py)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Self-attention of `mha` on x (B,T,D), in the official code's order: output (B,T,D) and probabilities averaged over heads (B,T,T)."
     B, T, D = x.shape
     H = mha.num_heads
     q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
-    w = ((q * (D // H) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)  # (B, H, T, T)
+    w = (q / math.sqrt(D // H)) @ k.transpose(-2, -1)                  # (B, H, T, T)
+    if mask is not None: w = w + mask.to(w.dtype)
+    w = w.softmax(-1)
     out = (w @ v).transpose(1, 2).reshape(B, T, D)
-    return mha.out_proj(out), w.mean(1)
+    if fp16_out:  # float16 output: adding it to the float32 residual promotes it back
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(out.half(), mha.out_proj.weight.half(), mha.out_proj.bias.half())
+    else: out = mha.out_proj(out)
+    return out, w.sum(1) / H
 
 def _block(self: FrozenCLIP, i: int, x: torch.Tensor):
     "Run block `i` on tokens x (B,1+hw,D): new tokens, head-averaged attention (B,1+hw,1+hw), and its LN_1 output."
     blk = self.blocks[i]
     h = blk.ln_1(x)
-    a, attn = _attention(blk.attn, h)
+    a, attn = attention(blk.attn, h, fp16_out=self.numerics == 'official')
     x = x + blk.ls_1(a)
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     return x, attn, h
@@ -305,10 +358,24 @@ def show_attention(out: dict, query: tuple[int, int], blocks=(0, 3, 7, 11), imag
     fig.tight_layout()
     return fig
 
+# %% ../nbs/00_backbone.ipynb #0173347c
+def _encode_text(self: FrozenCLIP, text: torch.Tensor) -> torch.Tensor:
+    "Text embeddings (n, E) of token ids (n, L): open_clip's `encode_text`, or under official numerics the same blocks with the fp16 out-projection."
+    c = self.clip
+    if self.numerics == 'clean': return c.encode_text(text)
+    x = c.token_embedding(text) + c.positional_embedding                     # (n, L, D)
+    for blk in c.transformer.resblocks:
+        a, _ = attention(blk.attn, blk.ln_1(x), mask=c.attn_mask, fp16_out=True)
+        x = x + blk.ls_1(a)
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    x = text_global_pool(c.ln_final(x), text, c.text_pool_type, eos_token_id=getattr(c, 'text_eos_id', None))
+    return c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
+FrozenCLIP.encode_text = _encode_text
+FrozenCLIP.context_length = property(lambda self: self.clip.context_length)
+
 # %% ../nbs/00_backbone.ipynb #23501746
 def measure_forward(model_name='ViT-B-16', batch=4, size=320, device='cpu', repeats=3) -> dict:
     "Seconds per `forward_intermediates` (median of `repeats`) and peak memory (RSS on CPU, CUDA allocator on GPU)."
-    import resource, statistics
     fc = FrozenCLIP.from_pretrained(model_name, weights=None, device=device)
     x = torch.randn(batch, 3, size, size, device=device)
     sync = (lambda: torch.cuda.synchronize()) if str(device).startswith('cuda') else (lambda: None)

@@ -4,11 +4,12 @@
 
 # %% ../nbs/02_cam.ipynb #db0739e4
 from __future__ import annotations
+import numpy as np
 import torch, torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['CAMError', 'check_labels', 'check_text', 'class_scores', 'grad_cam', 'label_slots', 'initial_cam_loop', 'initial_cam',
-           'connected_components', 'region_boxes', 'box_mask', 'show_cams']
+           'initial_cam_official', 'connected_components', 'region_boxes', 'box_mask', 'show_cams']
 
 # %% ../nbs/02_cam.ipynb #b128be86
 class CAMError(ValueError):
@@ -144,6 +145,41 @@ def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with
                        "retain_graph=True to that call, or run forward_intermediates again.") from None
     m = grad_cam(grads[:, :, 1:].transpose(0, 1), A[:, 1:].detach(), (h, w)) * valid[..., None, None]  # (B, K, h, w)
     return cams.scatter_(1, idx[..., None, None].expand(B, K, h, w), m)   # padded slots point at absent classes: write 0
+
+# %% ../nbs/02_cam.ipynb #e1e203a3
+def initial_cam_official(backbone, # the `FrozenCLIP` that produced `out` (numerics='official' for the fp16 projection)
+                         out: dict, # its `forward_intermediates` output
+                         labels: torch.Tensor, # (B, C) image-level labels (no background)
+                         fg_text: torch.Tensor, # (C, E) foreground text features
+                         bg_text: torch.Tensor, # (n_bg, E) background text features
+                         logit_scale: float | torch.Tensor, # 1/tau = clip.logit_scale.exp()
+                         variant: str = 'official', # 'official': softmax over present fg + bg; 'paper': over all fg + bg
+                        ) -> torch.Tensor:
+    "M_init (B, C, h, w) computed as the official code does: per image and class, pooled before the projection, numpy Grad-CAM, min-max twice."
+    if variant not in ('official', 'paper'): raise CAMError(f"variant must be 'official' or 'paper', got {variant!r}.")
+    present = check_labels(labels, len(fg_text), out['last_in'].shape[0]).to(out['last_in'].device)
+    (h, w), v = out['grid'], backbone.visual
+    B, C = present.shape
+    cams = torch.zeros(B, C, h, w, device=out['last_in'].device)
+    for b in range(B):
+        cls = present[b].nonzero()[:, 0].tolist()
+        if not cls: continue
+        with torch.enable_grad():
+            x = out['last_in'][b:b + 1].detach().requires_grad_()
+            y, _, ln1 = backbone.block(backbone.depth - 1, x)                  # (1, 1+hw, D)
+            f = v.ln_post(y)[:, 1:].mean(1) @ v.proj                           # pooled, then projected
+            f = f / f.norm(dim=1, keepdim=True)
+            t = torch.cat([fg_text[cls], bg_text] if variant == 'official' else [fg_text, bg_text]).to(f)
+            p = (logit_scale * f @ (t / t.norm(dim=1, keepdim=True)).T).softmax(-1)   # (1, T)
+        acts = ln1[0, 1:].detach().reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()  # (1, D, h, w)
+        for j, c in enumerate(cls):
+            g, = torch.autograd.grad(p[0, j if variant == 'official' else c], ln1, retain_graph=True)
+            grads = g[0, 1:].reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()
+            weights = np.mean(grads, axis=(2, 3))                              # (1, D)
+            m = np.maximum((weights[:, :, None, None] * acts).sum(axis=1), 0).astype(np.float32)[0]
+            for _ in range(2): m = m - np.min(m); m = m / (1e-7 + np.max(m))  # per layer, then after averaging layers
+            cams[b, c] = torch.from_numpy(m).to(cams.device)
+    return cams
 
 # %% ../nbs/02_cam.ipynb #f7cfb9b4
 def connected_components(mask: torch.Tensor, # (N, h, w) bool maps

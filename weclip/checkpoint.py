@@ -71,7 +71,7 @@ def load_checkpoint(path, map_location='cpu',
     return state
 
 # %% ../nbs/09b_checkpoint.ipynb #65499075
-RUN_FIELDS = ('preset', 'variant', 'dataset', 'train_split', 'model', 'weights', 'iters', 'batch_size', 'lr',
+RUN_FIELDS = ('preset', 'variant', 'numerics', 'dataset', 'train_split', 'model', 'weights', 'iters', 'batch_size', 'lr',
               'decoder_lr_mult', 'weight_decay', 'warmup_iters', 'warmup_ratio', 'poly_power', 'crop_size', 'scale_min',
               'scale_max', 'norm', 'decoder_blocks', 'decoder_dim', 'rfm_start', 'rfm_layers', 'box_threshold',
               'rfm_power', 'aff_weight', 'aff_radius', 'rfm', 'supervision', 'seed')

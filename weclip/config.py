@@ -27,6 +27,7 @@ class TrainConfig:
     "Every setting of a WeCLIP run. Presets: `PRESETS`; the command line overrides any field."
     preset: str = 'toy'              # toy | voc | coco: the values `PRESETS` gives, before overrides
     variant: str = 'official'        # official | paper: which side of the index's paper-vs-official table to follow
+    numerics: str = 'clean'          # clean: float32/float64 arithmetic | official: the official code's fp16 islands and float32 RFM sums (bit for bit on a CPU)
     dataset: str = 'toy'             # toy | voc | coco
     data_root: str = 'data/toy'      # folder in VOC layout (VOCdevkit/VOC2012, COCO in VOC layout, or the toy world)
     train_split: str = 'train_aug'   # split file (ImageSets/Segmentation/NAME.txt) the decoder trains on
@@ -99,6 +100,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     def need(ok, field, what):
         if not ok: raise ValueError(f"Config value {field}={getattr(cfg, field)!r} is out of range: {what}.")
     need(cfg.variant in ('official', 'paper'), 'variant', "use 'official' or 'paper'")
+    need(cfg.numerics in ('clean', 'official'), 'numerics', "use 'clean' or 'official'")
     need(cfg.dataset in ('toy', 'voc', 'coco'), 'dataset', "use 'toy', 'voc' or 'coco'")
     need(cfg.norm in ('imagenet', 'clip'), 'norm', "use 'imagenet' or 'clip'")
     need(cfg.supervision in ('weak', 'full'), 'supervision', "use 'weak' (pseudo labels) or 'full' (true masks)")

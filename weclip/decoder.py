@@ -6,6 +6,7 @@
 from __future__ import annotations
 from collections import OrderedDict
 import torch, torch.nn as nn, torch.nn.functional as F
+from .backbone import attention, check_choice, NUMERICS
 
 # %% auto #0
 __all__ = ['BlockMLP', 'QuickGELU', 'AttentionBlock', 'Decoder', 'count_params', 'affinity']
@@ -25,15 +26,19 @@ class QuickGELU(nn.Module):
 
 class AttentionBlock(nn.Module):
     "CLIP-style residual attention block, pre-LN, no positional embedding: (B,L,d) -> (B,L,d)."
-    def __init__(self, dim: int = 256, heads: int = 8, mlp_ratio: int = 4):
+    def __init__(self, dim: int = 256, heads: int = 8, mlp_ratio: int = 4,
+                 numerics: str = 'clean'): # 'official': the attention's output projection in float16, as the official decoder
         super().__init__()
+        check_choice('numerics', numerics, NUMERICS)
+        self.numerics = numerics
         self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(dim, dim * mlp_ratio), gelu=QuickGELU(),
                                              c_proj=nn.Linear(dim * mlp_ratio, dim)))
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        if self.numerics == 'official': x = x + attention(self.attn, h, fp16_out=True)[0]
+        else: x = x + self.attn(h, h, h, need_weights=False)[0]
         return x + self.mlp(self.ln_2(x))
 
 # %% ../nbs/03_decoder.ipynb #01456a0a
@@ -47,6 +52,7 @@ class Decoder(nn.Module):
                  depth: int = 3, # transformer layers in φ
                  heads: int = 8, # attention heads per layer
                  dropout: float = 0.1, # Dropout2d probability on F_u
+                 numerics: str = 'clean', # 'official': the transformer layers' attention out-projection in float16
                 ):
         super().__init__()
         for name, v in dict(in_dim=in_dim, n_classes=n_classes, n_blocks=n_blocks, dim=dim, heads=heads).items():
@@ -56,7 +62,7 @@ class Decoder(nn.Module):
         self.mlps = nn.ModuleList(BlockMLP(in_dim, dim) for _ in range(n_blocks))
         self.fuse_conv = nn.Conv2d(dim * n_blocks, dim, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout)
-        self.blocks = nn.ModuleList(AttentionBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(AttentionBlock(dim, heads, numerics=numerics) for _ in range(depth))
         self.head = nn.Conv2d(dim, n_classes, kernel_size=1)
 
     def check_tokens(self, tokens, grid):

@@ -4,15 +4,17 @@
 
 # %% ../nbs/08_model.ipynb #804a1ffc
 from __future__ import annotations
+import statistics, time
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP
 from .prompts import class_names, background_names, prompt_templates, text_features
-from .cam import initial_cam, box_mask
+from .cam import initial_cam, initial_cam_official, box_mask
 from .decoder import Decoder, affinity, count_params
 from .rfm import refine_cam, pseudo_labels
 from .losses import weclip_loss
 from .config import resolve_device
+from .toy import TEXTURES
 
 # %% auto #0
 __all__ = ['WeCLIP', 'time_step']
@@ -34,19 +36,25 @@ class WeCLIP(nn.Module):
                  aff_radius: int = 8, # affinity pairs farther apart (on the grid) are ignored
                  rfm: bool = True, # False: the static refinement throughout (the paper's "without RFM" ablation)
                  rfm_power: int = 2, # α, the power of RFM's transition matrix (paper and official 2)
-                 supervision: str = 'weak'): # 'weak': pseudo labels; 'full': the true masks (the upper bound)
+                 supervision: str = 'weak', # 'weak': pseudo labels; 'full': the true masks (the upper bound)
+                 numerics: str = 'clean', # 'official': the official code's float16 islands and float32 RFM sums (bit-for-bit on a CPU)
+                 pos_interp: str | None = None): # positional-embedding resize; None: 'bilinear' for the official variant on ViT-B-16, else 'bicubic'
         super().__init__()
+        if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
         if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
         if supervision not in ('weak', 'full'): raise ValueError(f"supervision must be 'weak' or 'full', got {supervision!r}.")
         if not (isinstance(rfm_power, int) and rfm_power >= 1): raise ValueError(f"rfm_power (α) must be an integer >= 1, got {rfm_power!r}.")
         self.rfm, self.supervision, self.rfm_power = rfm, supervision, rfm_power
-        self.backbone, self.variant = backbone, variant
+        self.backbone, self.variant, self.numerics = backbone, variant, numerics
+        official_vit = variant == 'official' and backbone.model_name == 'ViT-B-16'   # the model the official upsample_pos_emb serves
+        backbone.pos_interp = pos_interp or ('bilinear' if official_vit else 'bicubic')
+        backbone.numerics = numerics
         self.register_buffer('fg_text', fg_text.float(), persistent=False)
         self.register_buffer('bg_text', bg_text.float(), persistent=False)
         self.n_classes = fg_text.shape[0] + 1
         n = decoder_blocks or (backbone.depth if variant == 'paper' else backbone.depth - 1)
         if not 1 <= n <= backbone.depth: raise ValueError(f"decoder_blocks={n} must lie in 1..{backbone.depth}.")
-        self.decoder = Decoder(backbone.width, self.n_classes, n_blocks=n, dim=decoder_dim)
+        self.decoder = Decoder(backbone.width, self.n_classes, n_blocks=n, dim=decoder_dim, numerics=numerics)
         self.rfm_start, self.rfm_layers, self.box_threshold = rfm_start, rfm_layers, box_threshold
         self.aff_weight, self.aff_radius = aff_weight, aff_radius
 
@@ -62,22 +70,22 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
     "The WeCLIP model of a `TrainConfig` (`classes`: the dataset's class names, used for the toy world)."
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
     device = resolve_device(cfg.device)              # 'auto' or 'cuda' -> an indexed torch.device
-    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device)
+    numerics = getattr(cfg, 'numerics', 'clean')
+    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device, numerics=numerics)
     tok = open_clip.get_tokenizer(cfg.model)
     if cfg.dataset in ('voc', 'coco'):
         fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
     else:
-        from weclip.toy import TEXTURES
         if not classes: raise ValueError("The toy world's class names are needed: pass classes=dataset.classes.")
         fg, bg = tuple(classes), TEXTURES
     tpl = prompt_templates(cfg.variant)
-    fg_text = text_features(backbone.clip, tok, fg, tpl, device=device)
-    bg_text = text_features(backbone.clip, tok, bg, tpl, device=device)
+    fg_text = text_features(backbone, tok, fg, tpl, device=device)   # through the backbone: its numerics apply
+    bg_text = text_features(backbone, tok, bg, tpl, device=device)
     return cls(backbone, fg_text, bg_text, variant=cfg.variant, decoder_blocks=cfg.decoder_blocks,
                decoder_dim=cfg.decoder_dim, rfm_start=cfg.rfm_start, rfm_layers=cfg.rfm_layers,
                box_threshold=cfg.box_threshold, aff_weight=cfg.aff_weight, aff_radius=cfg.aff_radius,
                rfm=getattr(cfg, 'rfm', True), supervision=getattr(cfg, 'supervision', 'weak'),
-               rfm_power=getattr(cfg, 'rfm_power', 2))
+               rfm_power=getattr(cfg, 'rfm_power', 2), numerics=numerics)
 WeCLIP.from_config = classmethod(_from_config)
 
 # %% ../nbs/08_model.ipynb #61ad8573
@@ -91,7 +99,10 @@ def _forward(self: WeCLIP,
     valid = batch['valid'].to(dev) if 'valid' in batch else None
     out = self.backbone(images)
     with torch.autocast(dev.type, enabled=False):  # Grad-CAM and the CAM arithmetic in fp32
-        M_init = initial_cam(out, labels, self.fg_text, self.bg_text, self.backbone.clip.logit_scale.exp(), self.variant)
+        scale = self.backbone.clip.logit_scale.exp()
+        if self.numerics == 'official':  # per image and class, as the official Grad-CAM (bit for bit on a CPU)
+            M_init = initial_cam_official(self.backbone, out, labels, self.fg_text, self.bg_text, scale, self.variant)
+        else: M_init = initial_cam(out, labels, self.fg_text, self.bg_text, scale, self.variant)
     target = None
     if self.supervision == 'full' and (self.training or batch.get('mask') is not None):  # evaluation may inspect M_p
         if batch.get('mask') is None:
@@ -111,8 +122,9 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
         boxes = boxes_fn(M_init, self.box_threshold)
         M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
                         iteration=(None if iteration is None else iteration + 1) if self.rfm else 0, switch_on=self.rfm_start,
-                        n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power)
-        M_p = labels_fn(images.float(), M_f, labels, valid)
+                        n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power,
+                        numerics=self.numerics)
+        M_p = labels_fn(images.float(), M_f, labels, valid, **({'numerics': 'official'} if self.numerics == 'official' else {}))
     losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
                          seg_variant=self.variant, aff_variant=self.variant)
     return dict(losses, P=P, A_f=A_f, M_init=M_init, M_f=M_f, M_p=M_p)
@@ -133,7 +145,6 @@ WeCLIP.predict = _predict
 # %% ../nbs/08_model.ipynb #7e4ef922
 def time_step(model: WeCLIP, batch: dict, iteration: int = 20000, repeats: int = 3) -> dict:
     "Median seconds of one training step (forward, CAM, RFM, PAR, losses, backward) and of its parts' share."
-    import statistics
     times = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)

@@ -151,13 +151,13 @@ def clear_text_cache(clip_model=None):
 
 def text_features(clip_model, tokenizer:Callable, names:Sequence[str], templates:Sequence[str]=TEMPLATES_OFFICIAL,
                   split_synonyms:bool=False, device=None, batch_size:int=256) -> torch.Tensor:
-    "Text features t_c (len(names), E), float32, L2-normalised, averaged over templates (and synonyms); cached."
+    "Text features t_c (len(names), E), float32, L2-normalised, averaged over templates (and synonyms); cached. `clip_model`: an open_clip CLIP or a `FrozenCLIP` (whose `numerics` then apply)."
     prompts = build_prompts(names, templates, split_synonyms)
     p0 = next(clip_model.parameters())
     device = torch.device(device) if device is not None else p0.device
     key = (str(device), str(p0.device), p0.dtype, tuple([names] if isinstance(names, str) else names),
            tuple([templates] if isinstance(templates, str) else templates), bool(split_synonyms),
-           type(tokenizer).__qualname__, getattr(tokenizer, 'context_length', None))
+           type(tokenizer).__qualname__, getattr(tokenizer, 'context_length', None), getattr(clip_model, 'numerics', 'clean'))
     cache, stamp = _TEXT_CACHE.setdefault(clip_model, {}), _weights_stamp(clip_model)
     if key in cache and cache[key][0] == stamp: return cache[key][1]
 
@@ -165,7 +165,9 @@ def text_features(clip_model, tokenizer:Callable, names:Sequence[str], templates
     check_prompts_fit(tokenizer, flat, context_length_of(clip_model, tokenizer))
     with torch.no_grad():
         tokens = tokenizer(flat).to(p0.device)                                       # (P, L)
-        emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split(batch_size)])  # (P, E)
+        if getattr(clip_model, 'numerics', 'clean') == 'official':   # class by class, as the official zeroshot_classifier
+            emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split([len(ps) for ps in prompts])])
+        else: emb = torch.cat([clip_model.encode_text(t).float() for t in tokens.split(batch_size)])  # (P, E)
         emb = F.normalize(emb, dim=-1)
         per_class = emb.split([len(ps) for ps in prompts])                           # C tensors (P_c, E)
         feats = F.normalize(torch.stack([e.mean(0) for e in per_class]), dim=-1).to(device)  # (C, E)

@@ -5,13 +5,14 @@
 # %% ../nbs/04_rfm.ipynb #5761529d
 from __future__ import annotations
 import math
+import numpy as np
 import torch, torch.nn.functional as F
 from .data import IGNORE  # 255: the value no loss or metric looks at
 
 # %% auto #0
 __all__ = ['SWITCH_ON', 'SWITCH_ON_EFFECTIVE', 'PAR_DILATIONS', 'layer_difference', 'layer_filter', 'refining_map', 'warmup_map',
            'sinkhorn', 'transition', 'refine_cam', 'refine_cam_reference', 'par_affinity', 'par', 'par_reference',
-           'pseudo_labels', 'pseudo_labels_reference']
+           'par_official', 'pseudo_labels', 'pseudo_labels_reference']
 
 # %% ../nbs/04_rfm.ipynb #125705ba
 SWITCH_ON = 15_000           # official: RFM replaces the plain attention mean after this many steps
@@ -53,10 +54,11 @@ def _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers):
 def layer_difference(A_f: torch.Tensor,  # (B, hw, hw) decoder affinity
                      attn: torch.Tensor,  # (B, L, hw, hw) the considered CLIP attention maps A_s^l
                      abs_diff: bool = False,  # paper: sum of |A_f - A_s^l|; official: signed sum
+                     dtype: torch.dtype = torch.float64,  # float64 (clean numerics) or float32 (the official code's)
                     ) -> torch.Tensor:  # S, (B, L)
-    "S^l: the summed difference between A_f and each attention map, summed in float64 (see below)."
-    d = A_f.unsqueeze(1).double() - attn.double()
-    return (d.abs() if abs_diff else d).sum((-2, -1))
+    "S^l: the summed difference between A_f and each attention map, summed in `dtype` (see below)."
+    d = A_f.unsqueeze(1).to(dtype) - attn.to(dtype)
+    return (d.abs() if abs_diff else d).flatten(2).sum(-1)
 
 # %% ../nbs/04_rfm.ipynb #0af813d0
 def layer_filter(S: torch.Tensor,  # (B, L) layer differences
@@ -74,12 +76,16 @@ def refining_map(A_f: torch.Tensor,  # (B, hw, hw) decoder affinity
                  n_layers: int = 6,  # consider the last n_layers maps (official VOC 6, COCO 10; paper N0=6 -> 7)
                  abs_diff: bool = False,  # see `layer_difference`
                  strict: bool = False,  # see `layer_filter`
+                 numerics: str = 'clean',  # 'official': float32 sums, kept maps averaged as the official code does
                 ) -> torch.Tensor:  # R, (B, hw, hw)
     "R: A_f times the mean of the attention maps that `layer_filter` keeps."
     A_s = attn[:, -n_layers:].float()
     A_f = A_f.float()
-    G = layer_filter(layer_difference(A_f, A_s, abs_diff), strict)           # (B, L)
-    kept = torch.einsum('bl,blij->bij', G, A_s) / (G.sum(1)[:, None, None] + 1e-5)
+    official = numerics == 'official'
+    S = layer_difference(A_f, A_s, abs_diff, dtype=torch.float32 if official else torch.float64)
+    G = layer_filter(S, strict)                                               # (B, L)
+    if official: kept = (G[:, :, None, None] * A_s).sum(1) / (G.sum(1) + 1e-5)[:, None, None]   # a masked sum, as written there
+    else: kept = torch.einsum('bl,blij->bij', G, A_s) / (G.sum(1)[:, None, None] + 1e-5)
     return A_f * kept
 
 def warmup_map(attn: torch.Tensor,  # (B, N, hw, hw) all CLIP attention maps
@@ -132,28 +138,36 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
                n_rounds: int = 3,  # Sinkhorn rounds
                alpha: int = 2,  # power α
                power: str = 'matrix',  # 'matrix' or 'elementwise' power
+               numerics: str = 'clean',  # 'official': layer differences summed in float32, as the official code
               ) -> torch.Tensor:  # M_f, (B, C, h, w) in [0, 1]
     "M_f: the initial CAM propagated by RFM's transition matrix inside each class's boxes, min-max normalised."
     _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers)
     B, C, h, w = M_init.shape
-    if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict)
+    if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
+    if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict, numerics)
     else: R = warmup_map(attn, n_warmup_layers)
     T = transition(R, n_rounds, alpha, power)                              # (B, hw, hw), once per image
     present = labels.bool()[:, :, None, None]
+    if numerics == 'official':  # one masked matrix-vector product per image and class: a batched product rounds differently
+        M_f = M_init.new_zeros(B, C, h, w, dtype=torch.float32)
+        for b, c in labels.bool().nonzero().tolist():
+            M_f[b, c] = ((T[b] * boxes[b, c].flatten().float()[None]) @ M_init[b, c].float().flatten()[:, None]).view(h, w)
+        return _minmax(M_f) * present
     src = (M_init.float() * boxes * present).flatten(2)                    # (B, C, hw)
     M_f = torch.bmm(src, T.transpose(1, 2)).view(B, C, h, w)             # M_f[c, i] = sum_j T[i, j] src[c, j]
     return _minmax(M_f) * present
 
 # %% ../nbs/04_rfm.ipynb #88c4b635
 def refine_cam_reference(M_init, labels, attn, A_f, boxes, iteration=None, switch_on=SWITCH_ON, n_layers=6,
-                         n_warmup_layers=8, abs_diff=False, strict=False, alpha=2):
+                         n_warmup_layers=8, abs_diff=False, strict=False, alpha=2, numerics='clean'):
     "Plain M_f, one image and one class at a time, as the official code walks them (`refine_cam` is the batched one)."
     B, C, h, w = M_init.shape
     out = torch.zeros(B, C, h, w, device=M_init.device)
     for b in range(B):
         if iteration is None or iteration > switch_on:
             maps = attn[b, -n_layers:]
-            S = [((A_f[b].double() - A.double()).abs() if abs_diff else (A_f[b].double() - A.double())).sum() for A in maps]
+            dt = torch.float32 if numerics == 'official' else torch.float64          # the official code sums in float32
+            S = [((A_f[b].to(dt) - A.to(dt)).abs() if abs_diff else (A_f[b].to(dt) - A.to(dt))).sum() for A in maps]
             thr = sum(S) / len(S)
             kept = [A for A, s in zip(maps, S) if (s < thr if strict else s <= thr)]
             if not kept: kept = list(maps)                           # strict rule, all tied
@@ -264,7 +278,58 @@ def par_reference(image, cam, n_iter=20, dilations=PAR_DILATIONS, w1=0.3, w2=0.0
         out.append(m)
     return torch.stack(out)
 
+# %% ../nbs/04_rfm.ipynb #040c4c61
+def _neighbours(x: torch.Tensor, dilations) -> torch.Tensor:
+    "(B, K, H, W) -> (B, K, J, H, W): each pixel's neighbours, replicate padding, in `_offsets` order."
+    H, W = x.shape[-2:]
+    out = []
+    for d in dilations:
+        xp = F.pad(x, [d] * 4, mode='replicate')
+        out += [xp[..., d + dy * d: d + dy * d + H, d + dx * d: d + dx * d + W] for dy, dx in _DIRECTIONS]
+    return torch.stack(out, 2)
+
+@torch.no_grad()
+def par_official(image: torch.Tensor,  # (B, 3, H, W) normalised image
+                 cam: torch.Tensor,  # (B, K, H, W) maps to refine
+                 n_iter: int = 20, dilations=PAR_DILATIONS, w1: float = 0.3, w2: float = 0.01,
+                ) -> torch.Tensor:  # (B, K, H, W)
+    "PAR in the official module's order of operations, image by image (bit for bit with it on a CPU)."
+    out = []
+    for img, x in zip(image.float(), cam.float()):
+        img, x = img[None], x[None]
+        J, (H, W) = 8 * len(dilations), img.shape[-2:]
+        nb = _neighbours(img, dilations)                                           # (1, 3, J, H, W)
+        diag = torch.ones(8); diag[[0, 2, 5, 7]] = math.sqrt(2)                    # rounded to float32 first
+        pos = torch.cat([diag * d for d in dilations]).to(img.device).view(1, 1, J, 1, 1).repeat(1, 1, 1, H, W)
+        aff = -((nb - img.unsqueeze(2)).abs() / (nb.std(2, keepdim=True) + 1e-8) / w1) ** 2
+        pos_aff = -(pos / (pos.std(2, keepdim=True) + 1e-8) / w1) ** 2
+        a = aff.mean(1, keepdim=True).softmax(2) + w2 * pos_aff.softmax(2)        # (1, 1, J, H, W)
+        for _ in range(n_iter): x = (_neighbours(x, dilations) * a).sum(2)
+        out.append(x[0])
+    return torch.stack(out)
+
 # %% ../nbs/04_rfm.ipynb #a5b9f737
+def _resize_official(m: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    "A (h, w) map resized to (H, W) bilinearly as the official code does: cv2.resize when OpenCV is installed."
+    try: import cv2
+    except ImportError: return F.interpolate(m[None, None].float(), size=(H, W), mode='bilinear', align_corners=False)[0, 0]
+    return torch.from_numpy(cv2.resize(m.float().cpu().numpy(), (W, H))).to(m.device)
+
+def _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore):
+    "M_p image by image, as the official code: its classes' maps resized, background (1 - max)^β in front, `par_official`."
+    B, C, h, w = M_f.shape
+    H, W = image.shape[-2:]
+    out = []
+    for b in range(B):
+        keys = labels[b].nonzero()[:, 0].tolist()
+        cams = torch.stack([_resize_official(M_f[b, c], H, W) for c in keys]) if keys else M_f.new_zeros(0, H, W)
+        bg = torch.pow(1 - cams.max(0, keepdim=True)[0], bg_power) if keys else M_f.new_ones(1, H, W)
+        scores = par_official(image[b:b + 1], torch.cat([bg, cams])[None], n_iter, dilations, w1, w2)[0]
+        M_p = torch.tensor([0] + [c + 1 for c in keys], device=scores.device)[scores.argmax(0)]
+        if valid is not None: M_p = M_p.masked_fill(~valid[b].bool(), ignore)
+        out.append(M_p)
+    return torch.stack(out)
+
 @torch.no_grad()
 def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the crop the model saw)
                   M_f: torch.Tensor,  # (B, C, h, w) refined CAMs on the patch grid
@@ -275,6 +340,7 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
                   dilations=PAR_DILATIONS,  # PAR neighbour rings
                   w1: float = 0.3, w2: float = 0.01,  # PAR weights
                   ignore: int = IGNORE,  # label of pixels outside `valid`
+                  numerics: str = 'clean',  # 'official': image by image, OpenCV's resize (if installed), `par_official`
                  ) -> torch.Tensor:  # M_p, (B, H, W) long: 0 background, c+1 class c, `ignore`
     "M_p: pseudo labels from the refined CAM, background score and PAR, restricted to each image's classes."
     if not torch.is_tensor(M_f) or M_f.ndim != 4:
@@ -289,6 +355,8 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
                          "multiple of the grid). Pass the CAMs and the crop of the same images.")
     if valid is not None and valid.shape != (B, H, W):
         raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
+    if numerics == 'official':
+        return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
     present = labels.bool()
     K = int(present.sum(1).max())
     order = torch.sort(present.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
