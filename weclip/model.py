@@ -26,7 +26,7 @@ class WeCLIP(nn.Module):
                  backbone: FrozenCLIP, # the frozen CLIP
                  fg_text: torch.Tensor, # (C, E) foreground text features
                  bg_text: torch.Tensor, # (n_bg, E) background text features
-                 variant: str = 'official', # 'official' or 'paper': every switch of ARCHITECTURE.md's table
+                 variant: str = 'official', # 'official' or 'paper': every switch of the index's paper-vs-official table
                  decoder_blocks: int | None = None, # blocks fed to the decoder (default: official N-1, paper N)
                  decoder_dim: int = 256,
                  rfm_start: int = 15000, # RFM refines the CAM from iteration rfm_start+1 on
