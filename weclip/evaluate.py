@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
-import argparse, collections, dataclasses, importlib, json, multiprocessing, os, sys, time
+import argparse, collections, dataclasses, importlib, itertools, json, multiprocessing, os, sys, time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -159,6 +159,13 @@ class CRFPool:
         fn = crf_labels   # a worker finds it by its module; run from a notebook, that is the package's copy
         if fn.__module__ == '__main__': fn = importlib.import_module('weclip.evaluate').crf_labels
         return self.ex.submit(fn, image, np.ascontiguousarray(probs, dtype=np.float32))
+    def in_order(self, jobs, finish):
+        "`finish(*job)` for each job in order, with at most 2 x workers jobs (holding CRF Futures) waiting in between."
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(job)
+            while len(pending) > 2 * self.workers: finish(*pending.popleft())
+        while pending: finish(*pending.popleft())
     def close(self):
         if self.ex is not None: self.ex.shutdown(cancel_futures=True); self.ex = None
     def __enter__(self): return self
@@ -282,13 +289,11 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
         if not test:
             for k, p in preds.items(): confs[k] = confs.get(k, 0) + confusion(p.long(), s['mask'], K)
         if save is not None: write_mask(save / f"{s['name']}.png", list(preds.values())[-1].numpy())
-    t0, pending = time.perf_counter(), collections.deque()
+    t0 = time.perf_counter()
     with CRFPool(crf_workers if crf and n > 1 else 1) as pool:
-        for i in progress_iter(range(n), f'evaluate {source}', progress):
-            s = dataset[i]
-            pending.append((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None)))
-            while len(pending) > 2 * pool.workers: finish(*pending.popleft())   # a bounded queue of CRF jobs
-        while pending: finish(*pending.popleft())
+        jobs = ((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None))
+                for s in (dataset[i] for i in progress_iter(range(n), f'evaluate {source}', progress)))
+        pool.in_order(jobs, finish)
     dt = time.perf_counter() - t0
     return dict(images=n, seconds=dt, images_per_s=n / max(dt, 1e-9), predictions=None if save is None else str(save),
                 results={k: seg_metrics(c, names) for k, c in confs.items()})
@@ -354,7 +359,7 @@ def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.
                            **({'weights': str(weights)} if weights else {}))
     classes = class_list(cfg)
     if state.get('classes') and list(state['classes']) != classes:   # checkpoints record their classes since 0.0.1
-        diff = next(f'{a!r} there, {b!r} here' for a, b in zip(state['classes'] + [None] * len(classes), classes + [None] * len(state['classes'])) if a != b)
+        diff = next(f'{a!r} there, {b!r} here' for a, b in itertools.zip_longest(state['classes'], classes) if a != b)
         raise EvalError(f"{checkpoint} was trained on other classes than {cfg.data_root} has ({len(state['classes'])} "
                         f"there, {len(classes)} here; first difference: {diff}): pass the --data-root it was trained on.")
     with torch.random.fork_rng(devices=[]):   # a random-weight backbone ('none') comes out as the trainer built it

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10b_predict.ipynb #1f61f85d
 from __future__ import annotations
-import argparse, collections, sys, time
+import argparse, sys, time
 from concurrent.futures import Future
 from pathlib import Path
 import numpy as np
@@ -84,7 +84,7 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
     for p in paths: read_rgb(p, max_side)                    # every file checked before any work
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.eval(); dev = model.fg_text.device
-    done, pending = [], collections.deque()
+    done = []
     def finish(p, rgb, mask, mask_path, overlay_path):   # the CRF's labels may still be computing in a worker
         mask = mask.result() if isinstance(mask, Future) else mask
         write_mask(mask_path, mask)
@@ -92,13 +92,12 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
         done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
     with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
-        for p, (mask_path, overlay_path) in progress_iter(zip(paths, outputs), 'predict', progress):
+        def job(p, mask_path, overlay_path):
             rgb = read_rgb(p, max_side)
             logits = infer_logits(model, normalize(rgb, norm)[None].to(dev), scales, flip, long_side)[0]
             mask = pool.submit(rgb, logits.softmax(0).cpu().numpy()) if crf else logits.argmax(0).cpu().numpy().astype(np.uint8)
-            pending.append((p, rgb, mask, mask_path, overlay_path))
-            while len(pending) > 2 * pool.workers: finish(*pending.popleft())
-        while pending: finish(*pending.popleft())
+            return p, rgb, mask, mask_path, overlay_path
+        pool.in_order((job(p, *o) for p, o in progress_iter(zip(paths, outputs), 'predict', progress)), finish)
     return done
 
 def predict_cli(argv=None):
