@@ -1,0 +1,111 @@
+"""The notebooks' committed outputs: re-execute them in place, or check that they are present and current.
+
+    python tools/outputs.py refresh [NOTEBOOK ...]   # execute (default: every notebook in nbs/), keep the outputs
+    python tools/outputs.py check                    # what CI runs (through tests/test_outputs.py)
+
+`refresh` runs each notebook the way `nbdev_test` does (cells marked `#| slow`, `#| gpu` or `#| eval: false` are
+skipped), with one BLAS thread and matplotlib's plain PNG output, so a rerun draws the same pictures. It stamps every
+executed code cell with a hash of its source, the library's sources and the shipped weights (cell metadata `weclip`,
+which `nbdev_clean` keeps), then runs `nbdev_clean`. `check` fails when a figure cell has no picture, when an output
+is stale (its stamp no longer matches: the cell, the library or the weights changed since it ran), or when the
+notebooks outgrow 1 MB each or 6 MB together.
+"""
+from __future__ import annotations
+import hashlib, json, os, re, subprocess, sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NBS = ROOT / 'nbs'
+MAX_NB, MAX_ALL = 1_000_000, 6_000_000
+SKIP_FLAGS = ('slow', 'gpu')
+FIGURE = re.compile(r'^(?!\s*#).*(plt\.|\bshow_(?!doc\b)\w+\(|\.imshow\(|\bsubplots\()', re.M)   # a cell that draws
+
+
+def _directives(src: str) -> dict:
+    "The `#| key value` lines at the top of a cell."
+    out = {}
+    for line in src.splitlines():
+        m = re.match(r'\s*#\|\s*([\w-]+:?)\s*(.*)', line)
+        if not m: break
+        out[m[1]] = m[2].strip()
+    return out
+
+
+def skipped(src: str) -> bool:
+    "Whether `nbdev_test` (without --flags) skips this code cell."
+    d = _directives(src)
+    return any(f in d for f in SKIP_FLAGS) or d.get('eval:', '').lower() == 'false' or 'nbdev_export(' in src
+
+
+def library_digest() -> str:
+    "One hash of what every output depends on besides its own cell: the library's sources and the shipped weights."
+    h = hashlib.sha256()
+    files = sorted(p for p in (ROOT / 'weclip').rglob('*') if p.is_file() and p.suffix in ('.py', '.pt', '.json')
+                   and p.name != '_modidx.py' and '__pycache__' not in p.parts)
+    for p in files: h.update(p.relative_to(ROOT).as_posix().encode()); h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def stamp(src: str, digest: str) -> str: return hashlib.sha256((digest + '\0' + src).encode()).hexdigest()[:16]
+
+
+def _source(cell) -> str: return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+
+
+def refresh_one(path: str) -> str:
+    "Execute one notebook in place (outputs kept, code cells stamped); returns a line for the log."
+    os.environ['OMP_NUM_THREADS'] = '1'
+    import time
+    import torch; torch.set_num_threads(1)
+    from execnb.shell import CaptureShell
+    from execnb.nbio import read_nb, write_nb
+    path = Path(path).resolve()
+    t, nb, digest = time.time(), read_nb(path), library_digest()
+    shell = CaptureShell(path, mpl_format='png')
+    cwd = os.getcwd(); os.chdir(path.parent)
+    try: shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != 'code' or skipped(c.source))
+    finally: os.chdir(cwd)
+    for c in nb.cells:
+        if c.cell_type != 'code': continue
+        if skipped(c.source): c.outputs = []; c.metadata.pop('weclip', None)
+        else: c.metadata['weclip'] = stamp(c.source, digest)
+    write_nb(nb, path)
+    return f'{path.name}: {time.time() - t:.0f} s'
+
+
+def refresh(paths=None, workers: int = 2):
+    "Execute `paths` (default: every notebook) in place, `workers` at a time, then `nbdev_clean` them."
+    paths = [str(p) for p in (paths or sorted(NBS.glob('*.ipynb')))]
+    with ProcessPoolExecutor(workers) as ex:
+        for line in ex.map(refresh_one, paths): print(line, flush=True)
+    subprocess.run(['nbdev_clean'], cwd=ROOT, check=True)
+
+
+def problems(paths=None) -> list[str]:
+    "Every reason the committed outputs are not what a rerun gives, as lines."
+    digest, out, total = library_digest(), [], 0
+    for p in paths or sorted(NBS.glob('*.ipynb')):
+        size = p.stat().st_size; total += size
+        if size > MAX_NB: out.append(f'{p.name}: {size / 1e6:.2f} MB, over the 1 MB a notebook may have')
+        for i, c in enumerate(json.loads(p.read_text())['cells']):
+            if c['cell_type'] != 'code': continue
+            src = _source(c)
+            if skipped(src): continue
+            where = f"{p.name} cell {i} ({c.get('id', '?')})"
+            if FIGURE.search(src) and 'export' not in _directives(src) and not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
+                out.append(f'{where}: draws a figure, and no picture is committed under it')
+            if c.get('outputs') and c.get('metadata', {}).get('weclip') != stamp(src, digest):
+                out.append(f'{where}: its output is stale (the cell, the library or the weights changed since it ran)')
+    if total > MAX_ALL: out.append(f'nbs/: {total / 1e6:.2f} MB of notebooks, over the 6 MB they may have together')
+    return out
+
+
+if __name__ == '__main__':
+    cmd, args = (sys.argv[1] if len(sys.argv) > 1 else ''), sys.argv[2:]
+    if cmd == 'refresh': refresh([Path(a) for a in args] or None)
+    elif cmd == 'check':
+        bad = problems([Path(a) for a in args] or None)
+        print('\n'.join(bad) or 'ok: every figure cell has its picture and every output is current')
+        if bad: sys.exit(f'{len(bad)} problems: run `python tools/outputs.py refresh` (or name the notebooks) and commit')
+    else: sys.exit(__doc__)
