@@ -9,13 +9,14 @@ from concurrent.futures import Future
 from pathlib import Path
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from .data import write_mask, voc_palette, normalize, read_image, one_line
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
                              add_inference_options, EvalError, require_crf, CRFPool, progress_iter)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'overlay', 'predict_images', 'predict_cli']
+__all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'legend_strip', 'overlay', 'predict_images',
+           'predict_cli']
 
 # %% ../nbs/10b_predict.ipynb #23ce779a
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif')
@@ -61,14 +62,38 @@ def output_paths(paths: list[Path], out_dir) -> list[tuple[Path, Path]]:
         res.append(pair)
     return res
 
+def legend_strip(names: list[str], # class names, background first
+                 classes, # the class indices to name
+                 width: int, # the strip's width in pixels (the picture's)
+                ) -> np.ndarray:
+    "(h, width, 3) uint8: a white strip naming each of `classes` beside a swatch of its VOC colour, wrapped to `width`."
+    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    size = max(10, min(24, width // 40))
+    font = ImageFont.load_default(size=size)
+    items, x, y, pad = [], 0, 0, size // 2
+    for c in classes:
+        w = size + pad // 2 + int(font.getlength(names[c])) + pad
+        if x and x + w > width: x, y = 0, y + size + pad       # wrap to the next line
+        items.append((c, x, y)); x += w
+    strip = Image.new('RGB', (width, y + size + pad), 'white')
+    draw = ImageDraw.Draw(strip)
+    for c, x, y in items:
+        draw.rectangle([x + pad // 2, y + pad // 2, x + pad // 2 + size - 1, y + pad // 2 + size - 1],
+                       fill=tuple(int(v) for v in pal[c]), outline=(128, 128, 128))
+        draw.text((x + pad + size, y + pad // 2), names[c], fill='black', font=font)
+    return np.asarray(strip)
+
 def overlay(image: np.ndarray, # (H,W,3) uint8
             mask: np.ndarray, # (H,W) class indices
             alpha: float = 0.5, # weight of the class colour
+            names: list[str] | None = None, # class names (background first): a legend of the classes present below
            ) -> np.ndarray:
-    "The image with each non-background pixel blended with its class's VOC colour."
+    "The image with each non-background pixel blended with its class's VOC colour; with `names`, a colour legend under it."
     pal = np.array(voc_palette(), np.float32).reshape(-1, 3)
     blend = (1 - alpha) * image + alpha * pal[mask]
-    return np.where(mask[..., None] > 0, blend, image).round().astype(np.uint8)
+    out = np.where(mask[..., None] > 0, blend, image).round().astype(np.uint8)
+    if names is None: return out
+    return np.concatenate([out, legend_strip(names, sorted(int(c) for c in np.unique(mask)), out.shape[1])])
 
 # %% ../nbs/10b_predict.ipynb #c730f144
 def predict_images(model, # a `WeCLIP` (put in eval mode here)
@@ -78,8 +103,9 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
                    long_side: int | None = None, norm: str = 'imagenet', progress: bool = True,
                    max_side: int | None = MAX_SIDE, # read photos with their long side at most this
                    crf_workers: int = 0, # processes for DenseCRF (0: every available core; 1: inline)
+                   names: list[str] | None = None, # class names (background first): each overlay gets a colour legend
                   ) -> list[dict]:
-    "Segment each image: `<stem>.png` palette mask and `<stem>_overlay.jpg` in `out_dir`; returns what was written."
+    "Segment each image: `<stem>.png` palette mask and `<stem>_overlay.jpg` (with a legend, given `names`) in `out_dir`."
     outputs = output_paths(paths, out_dir)                   # nothing is written over an input
     for p in paths: read_rgb(p, max_side)                    # every file checked before any work
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +114,7 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
     def finish(p, rgb, mask, mask_path, overlay_path):   # the CRF's labels may still be computing in a worker
         mask = mask.result() if isinstance(mask, Future) else mask
         write_mask(mask_path, mask)
-        Image.fromarray(overlay(rgb, mask)).save(overlay_path, quality=90)
+        Image.fromarray(overlay(rgb, mask, names=names)).save(overlay_path, quality=90)
         done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
     with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
@@ -104,7 +130,7 @@ def predict_cli(argv=None):
     "`python -m weclip.predict`: segment your own images with a trained checkpoint."
     ap = argparse.ArgumentParser(prog='python -m weclip.predict',
                                  description='Segment your own images with a trained WeCLIP: a VOC palette PNG mask '
-                                 'and an overlay picture per image.')
+                                 'and an overlay picture with a legend of its class colours per image.')
     ap.add_argument('images', nargs='+', help='image files or folders of images')
     add_inference_options(ap)
     ap.add_argument('--out', default='predictions', help='output folder, never read as input and never written over an '
@@ -124,7 +150,7 @@ def predict_cli(argv=None):
                if cfg.dataset == 'toy' else '.'))
         t = time.perf_counter()
         done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
-                              a.max_side or None, a.crf_workers)
+                              a.max_side or None, a.crf_workers, names)
     except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     for d in done: print(f"{d['image']}: {', '.join(names[c] for c in d['classes'])} -> {d['mask']}, {d['overlay']}")
     print(f'{len(done)} images in {time.perf_counter() - t:.1f}s; masks and overlays in {a.out}')
