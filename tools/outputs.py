@@ -62,6 +62,8 @@ def refresh_one(path: str) -> str:
     from execnb.nbio import read_nb, write_nb
     path = Path(path).resolve()
     t, nb, digest = time.time(), read_nb(path), library_digest()
+    for c in nb.cells:
+        if c.cell_type == 'code': c.outputs = []       # a cell that prints nothing now must not keep its old output
     shell = CaptureShell(path, mpl_format='png')
     cwd = os.getcwd(); os.chdir(path.parent)
     try: shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != 'code' or skipped(c.source))
@@ -79,7 +81,7 @@ def refresh(paths=None, workers: int = 2):
     paths = [str(p) for p in (paths or sorted(NBS.glob('*.ipynb')))]
     with ProcessPoolExecutor(workers) as ex:
         for line in ex.map(refresh_one, paths): print(line, flush=True)
-    subprocess.run(['nbdev_clean'], cwd=ROOT, check=True)
+    for p in paths: subprocess.run(['nbdev_clean', '--fname', p], cwd=ROOT, check=True)
 
 
 def problems(paths=None) -> list[str]:

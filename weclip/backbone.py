@@ -13,131 +13,9 @@ import open_clip
 from open_clip.transformer import VisionTransformer, ResidualAttentionBlock, text_global_pool
 
 # %% auto #0
-__all__ = ['LOCAL_PRETRAINED', 'POS_INTERP', 'NUMERICS', 'TINY_CLIP', 'TINY_CLIP_CFG', 'TINY_CLIP_TAG', 'BackboneError',
-           'check_model_name', 'openai_quick_gelu', 'read_clip_weights', 'load_clip', 'check_choice', 'FrozenCLIP',
-           'resize_pos_embed', 'attention', 'register_model_config', 'show_attention', 'measure_forward', 'main']
-
-# %% ../nbs/00_backbone.ipynb #9d34bd9f
-class BackboneError(ValueError):
-    "Bad backbone input or weights; the message says what is wrong and how to fix it."
-
-# %% ../nbs/00_backbone.ipynb #4e2df7d4
-_WAYS = ("Supply CLIP weights in one of two ways: (1) online once, let open_clip fill its cache: "
-         "`python -c \"import open_clip; open_clip.create_model('{name}', pretrained='openai')\"`; "
-         "(2) offline, download OpenAI's {name}.pt (or an open_clip state dict) yourself and pass its path: "
-         "`weights='/path/to/{name}.pt'` (`--weights /path/to/{name}.pt` on the command line).")
-
-def check_model_name(model_name: str) -> str:
-    "Raise a `BackboneError` naming valid choices unless `model_name` is an open_clip ViT."
-    names = open_clip.list_models()
-    if model_name not in names:
-        vits = [n for n in names if n.startswith('ViT-')]
-        raise BackboneError(f"Unknown open_clip model {model_name!r}. Use an open_clip ViT name, for example "
-                            f"'ViT-B-16' (WeCLIP's) or one of {', '.join(vits[:8])}, ... "
-                            f"(`open_clip.list_models()` lists all {len(names)}).")
-    return model_name
-
-def openai_quick_gelu(model_name: str) -> bool:
-    "Whether OpenAI's weights for `model_name` use QuickGELU (open_clip's `openai` entry says so)."
-    return bool(open_clip.get_pretrained_cfg(model_name, 'openai').get('quick_gelu', False))
-
-# %% ../nbs/00_backbone.ipynb #93af00ac
-def read_clip_weights(path) -> dict[str, torch.Tensor]:
-    "Float32 CLIP state dict from a local file: OpenAI's TorchScript archive or an open_clip/torch state dict."
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"CLIP weights file {path} does not exist. Check the path, or download the weights "
-                            "again (OpenAI's ViT-B-16.pt or an open_clip state dict).")
-    try:
-        with warnings.catch_warnings():   # torch 2.9+ calls jit.load deprecated; OpenAI's archive is one all the same
-            warnings.filterwarnings('ignore', message='.*torch.jit.load.*', category=FutureWarning)
-            sd = torch.jit.load(str(path), map_location='cpu').state_dict()
-    except Exception:
-        try: sd = torch.load(str(path), map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise BackboneError(f"Cannot read CLIP weights from {path}: it is neither a TorchScript archive nor a "
-                                f"torch state dict ({type(e).__name__}). The file is probably corrupt or truncated: "
-                                "download it again.") from None
-    if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise BackboneError(f"{path} holds no CLIP state dict (found {type(sd).__name__}). Pass OpenAI's "
-                            "ViT-B-16.pt or a file saved with torch.save(model.state_dict(), path).")
-    sd = {k.removeprefix('module.'): v for k, v in sd.items()
-          if k not in ('input_resolution', 'context_length', 'vocab_size', 'attn_mask')}  # not weights
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-# %% ../nbs/00_backbone.ipynb #45d23ce6
-LOCAL_PRETRAINED = {}  # (model name, tag) -> weights file shipped inside weclip (the toy world's tiny CLIP)
-
-def _cached_pretrained(model_name, tag, cache_dir):
-    "Path of `tag`'s weights in open_clip's cache (or shipped with weclip), or None; never touches the network."
-    if (model_name, tag) in LOCAL_PRETRAINED:
-        path = Path(LOCAL_PRETRAINED[model_name, tag])
-        if not path.is_file():
-            raise BackboneError(f"The {model_name} weights {tag!r} should ship with weclip at {path} but are missing: "
-                                "reinstall weclip (pip install -e .), or train them with "
-                                "`python -m weclip.toyclip --train --out PATH` and pass PATH as the weights.")
-        return str(path)
-    cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if not cfg: raise BackboneError(f"open_clip has no pretrained tag {tag!r} for {model_name}; it has: "
-                                    f"{', '.join(open_clip.list_pretrained_tags_by_model(model_name))}.")
-    if cfg.get('hf_hub'):
-        try:
-            from huggingface_hub import hf_hub_download
-            repo, fname = os.path.split(cfg['hf_hub'])
-            return hf_hub_download(repo, fname or 'open_clip_pytorch_model.bin', cache_dir=cache_dir,
-                                   local_files_only=True)
-        except Exception: pass
-    if cfg.get('url'):
-        p = Path(cache_dir or Path('~/.cache/clip').expanduser()) / os.path.basename(cfg['url'])
-        if p.is_file(): return str(p)
-    return None
-
-# %% ../nbs/00_backbone.ipynb #1d3a6de9
-def _offline(pretrained_cfg: dict) -> str | None:
-    "Why a download cannot work now (HF_HUB_OFFLINE, or no answer from the host within 3 s), or None: one short try, no minute of retries."
-    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'): return 'HF_HUB_OFFLINE is set'
-    url = pretrained_cfg.get('url') or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
-    host = urlparse(url).hostname or 'huggingface.co'
-    try: socket.create_connection((host, 443), timeout=3).close()
-    except OSError as e: return f'{host} does not answer ({type(e).__name__}; offline?)'
-    return None
-
-def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
-              weights: str | os.PathLike | None = 'openai', # open_clip tag, local file, or None for random init
-              device: str | torch.device = 'cpu',
-              cache_dir: str | None = None, # open_clip's cache folder (its default when None)
-              download: bool = True, # fetch missing tagged weights into the cache (needs internet)
-              quick_gelu: bool | None = None, # None: as OpenAI's weights for this model expect
-             ) -> open_clip.CLIP:
-    "Build open_clip's `model_name` and load `weights` into it, in eval mode on `device`."
-    check_model_name(model_name)
-    if quick_gelu is None: quick_gelu = openai_quick_gelu(model_name)
-    build = lambda: open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
-    logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns "initialized randomly"
-    try: model = build()
-    finally: logging.getLogger().disabled = was
-    if weights is not None:
-        path = weights if Path(str(weights)).expanduser().is_file() or os.sep in str(weights) else None
-        if path is None:  # a pretrained tag
-            path = _cached_pretrained(model_name, str(weights), cache_dir)
-            offline = _offline(open_clip.get_pretrained_cfg(model_name, str(weights))) if path is None and download else None
-            if path is None and download and not offline:
-                try: path = open_clip.pretrained.download_pretrained(
-                        open_clip.get_pretrained_cfg(model_name, str(weights)), cache_dir=cache_dir)
-                except Exception: path = None
-            if not path:
-                raise BackboneError(f"{model_name} weights {weights!r} are not in open_clip's cache "
-                                    f"({cache_dir or 'its default folder'})" + (f" and cannot be downloaded: {offline}"
-                                    if offline else " and could not be downloaded" if download else "") + ". "
-                                    + _WAYS.format(name=model_name))
-        sd = read_clip_weights(path)
-        try: model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
-            raise BackboneError(f"The weights in {path} do not fit open_clip's {model_name} ({first[:300]}). "
-                                "Pass the model name these weights were trained for.") from None
-    return model.to(device).eval()
+__all__ = ['POS_INTERP', 'NUMERICS', 'LOCAL_PRETRAINED', 'TINY_CLIP', 'TINY_CLIP_CFG', 'TINY_CLIP_TAG', 'check_choice',
+           'FrozenCLIP', 'resize_pos_embed', 'attention', 'show_attention', 'BackboneError', 'check_model_name',
+           'openai_quick_gelu', 'read_clip_weights', 'load_clip', 'register_model_config', 'measure_forward', 'main']
 
 # %% ../nbs/00_backbone.ipynb #1ee2c129
 POS_INTERP = ('bicubic', 'bilinear')
@@ -324,22 +202,6 @@ def _forward_intermediates(self: FrozenCLIP,
 FrozenCLIP.forward_intermediates = _forward_intermediates
 FrozenCLIP.forward = _forward_intermediates
 
-# %% ../nbs/00_backbone.ipynb #bce5be37
-TINY_CLIP = 'weclip-tiny'
-TINY_CLIP_CFG = dict(
-    embed_dim=128,
-    vision_cfg=dict(image_size=96, layers=12, width=128, head_width=32, patch_size=8, pool_type='avg'),
-    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=4),
-    init_logit_scale=2.302585092994046, init_logit_bias=-10.0)  # logit scale starts at 10, bias at -10
-
-def register_model_config(name: str, cfg: dict):
-    "Make `name` an open_clip model name built from `cfg` (open_clip keeps its configs in one registry dict)."
-    open_clip.factory._MODEL_CONFIGS[name] = cfg
-
-register_model_config(TINY_CLIP, TINY_CLIP_CFG)
-TINY_CLIP_TAG = 'toy'
-LOCAL_PRETRAINED[TINY_CLIP, TINY_CLIP_TAG] = Path(str(resources.files('weclip') / 'assets' / 'weclip-tiny.pt'))
-
 # %% ../nbs/00_backbone.ipynb #5d1d7531
 def show_attention(out: dict, query: tuple[int, int], blocks=(0, 3, 7, 11), image=None, b: int = 0):
     "Plot, for patch `query`=(row, col), the head-averaged attention of the given blocks of `forward_intermediates` output."
@@ -357,6 +219,144 @@ def show_attention(out: dict, query: tuple[int, int], blocks=(0, 3, 7, 11), imag
     for ax in fig.axes: ax.axis('off')
     fig.tight_layout()
     return fig
+
+# %% ../nbs/00_backbone.ipynb #9d34bd9f
+class BackboneError(ValueError):
+    "Bad backbone input or weights; the message says what is wrong and how to fix it."
+
+# %% ../nbs/00_backbone.ipynb #4e2df7d4
+_WAYS = ("Supply CLIP weights in one of two ways: (1) online once, let open_clip fill its cache: "
+         "`python -c \"import open_clip; open_clip.create_model('{name}', pretrained='openai')\"`; "
+         "(2) offline, download OpenAI's {name}.pt (or an open_clip state dict) yourself and pass its path: "
+         "`weights='/path/to/{name}.pt'` (`--weights /path/to/{name}.pt` on the command line).")
+
+def check_model_name(model_name: str) -> str:
+    "Raise a `BackboneError` naming valid choices unless `model_name` is an open_clip ViT."
+    names = open_clip.list_models()
+    if model_name not in names:
+        vits = [n for n in names if n.startswith('ViT-')]
+        raise BackboneError(f"Unknown open_clip model {model_name!r}. Use an open_clip ViT name, for example "
+                            f"'ViT-B-16' (WeCLIP's) or one of {', '.join(vits[:8])}, ... "
+                            f"(`open_clip.list_models()` lists all {len(names)}).")
+    return model_name
+
+def openai_quick_gelu(model_name: str) -> bool:
+    "Whether OpenAI's weights for `model_name` use QuickGELU (open_clip's `openai` entry says so)."
+    return bool(open_clip.get_pretrained_cfg(model_name, 'openai').get('quick_gelu', False))
+
+# %% ../nbs/00_backbone.ipynb #93af00ac
+def read_clip_weights(path) -> dict[str, torch.Tensor]:
+    "Float32 CLIP state dict from a local file: OpenAI's TorchScript archive or an open_clip/torch state dict."
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"CLIP weights file {path} does not exist. Check the path, or download the weights "
+                            "again (OpenAI's ViT-B-16.pt or an open_clip state dict).")
+    try:
+        with warnings.catch_warnings():   # torch 2.9+ calls jit.load deprecated; OpenAI's archive is one all the same
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.*', category=FutureWarning)
+            sd = torch.jit.load(str(path), map_location='cpu').state_dict()
+    except Exception:
+        try: sd = torch.load(str(path), map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise BackboneError(f"Cannot read CLIP weights from {path}: it is neither a TorchScript archive nor a "
+                                f"torch state dict ({type(e).__name__}). The file is probably corrupt or truncated: "
+                                "download it again.") from None
+    if isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise BackboneError(f"{path} holds no CLIP state dict (found {type(sd).__name__}). Pass OpenAI's "
+                            "ViT-B-16.pt or a file saved with torch.save(model.state_dict(), path).")
+    sd = {k.removeprefix('module.'): v for k, v in sd.items()
+          if k not in ('input_resolution', 'context_length', 'vocab_size', 'attn_mask')}  # not weights
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+# %% ../nbs/00_backbone.ipynb #45d23ce6
+LOCAL_PRETRAINED = {}  # (model name, tag) -> weights file shipped inside weclip (the toy world's tiny CLIP)
+
+def _cached_pretrained(model_name, tag, cache_dir):
+    "Path of `tag`'s weights in open_clip's cache (or shipped with weclip), or None; never touches the network."
+    if (model_name, tag) in LOCAL_PRETRAINED:
+        path = Path(LOCAL_PRETRAINED[model_name, tag])
+        if not path.is_file():
+            raise BackboneError(f"The {model_name} weights {tag!r} should ship with weclip at {path} but are missing: "
+                                "reinstall weclip (pip install -e .), or train them with "
+                                "`python -m weclip.toyclip --train --out PATH` and pass PATH as the weights.")
+        return str(path)
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg: raise BackboneError(f"open_clip has no pretrained tag {tag!r} for {model_name}; it has: "
+                                    f"{', '.join(open_clip.list_pretrained_tags_by_model(model_name))}.")
+    if cfg.get('hf_hub'):
+        try:
+            from huggingface_hub import hf_hub_download
+            repo, fname = os.path.split(cfg['hf_hub'])
+            return hf_hub_download(repo, fname or 'open_clip_pytorch_model.bin', cache_dir=cache_dir,
+                                   local_files_only=True)
+        except Exception: pass
+    if cfg.get('url'):
+        p = Path(cache_dir or Path('~/.cache/clip').expanduser()) / os.path.basename(cfg['url'])
+        if p.is_file(): return str(p)
+    return None
+
+# %% ../nbs/00_backbone.ipynb #1d3a6de9
+def _offline(pretrained_cfg: dict) -> str | None:
+    "Why a download cannot work now (HF_HUB_OFFLINE, or no answer from the host within 3 s), or None: one short try, no minute of retries."
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'): return 'HF_HUB_OFFLINE is set'
+    url = pretrained_cfg.get('url') or os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+    host = urlparse(url).hostname or 'huggingface.co'
+    try: socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e: return f'{host} does not answer ({type(e).__name__}; offline?)'
+    return None
+
+def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
+              weights: str | os.PathLike | None = 'openai', # open_clip tag, local file, or None for random init
+              device: str | torch.device = 'cpu',
+              cache_dir: str | None = None, # open_clip's cache folder (its default when None)
+              download: bool = True, # fetch missing tagged weights into the cache (needs internet)
+              quick_gelu: bool | None = None, # None: as OpenAI's weights for this model expect
+             ) -> open_clip.CLIP:
+    "Build open_clip's `model_name` and load `weights` into it, in eval mode on `device`."
+    check_model_name(model_name)
+    if quick_gelu is None: quick_gelu = openai_quick_gelu(model_name)
+    build = lambda: open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+    logging.getLogger().disabled, was = True, logging.getLogger().disabled  # open_clip warns "initialized randomly"
+    try: model = build()
+    finally: logging.getLogger().disabled = was
+    if weights is not None:
+        path = weights if Path(str(weights)).expanduser().is_file() or os.sep in str(weights) else None
+        if path is None:  # a pretrained tag
+            path = _cached_pretrained(model_name, str(weights), cache_dir)
+            offline = _offline(open_clip.get_pretrained_cfg(model_name, str(weights))) if path is None and download else None
+            if path is None and download and not offline:
+                try: path = open_clip.pretrained.download_pretrained(
+                        open_clip.get_pretrained_cfg(model_name, str(weights)), cache_dir=cache_dir)
+                except Exception: path = None
+            if not path:
+                raise BackboneError(f"{model_name} weights {weights!r} are not in open_clip's cache "
+                                    f"({cache_dir or 'its default folder'})" + (f" and cannot be downloaded: {offline}"
+                                    if offline else " and could not be downloaded" if download else "") + ". "
+                                    + _WAYS.format(name=model_name))
+        sd = read_clip_weights(path)
+        try: model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
+            raise BackboneError(f"The weights in {path} do not fit open_clip's {model_name} ({first[:300]}). "
+                                "Pass the model name these weights were trained for.") from None
+    return model.to(device).eval()
+
+# %% ../nbs/00_backbone.ipynb #bce5be37
+TINY_CLIP = 'weclip-tiny'
+TINY_CLIP_CFG = dict(
+    embed_dim=128,
+    vision_cfg=dict(image_size=96, layers=12, width=128, head_width=32, patch_size=8, pool_type='avg'),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=4),
+    init_logit_scale=2.302585092994046, init_logit_bias=-10.0)  # logit scale starts at 10, bias at -10
+
+def register_model_config(name: str, cfg: dict):
+    "Make `name` an open_clip model name built from `cfg` (open_clip keeps its configs in one registry dict)."
+    open_clip.factory._MODEL_CONFIGS[name] = cfg
+
+register_model_config(TINY_CLIP, TINY_CLIP_CFG)
+TINY_CLIP_TAG = 'toy'
+LOCAL_PRETRAINED[TINY_CLIP, TINY_CLIP_TAG] = Path(str(resources.files('weclip') / 'assets' / 'weclip-tiny.pt'))
 
 # %% ../nbs/00_backbone.ipynb #0173347c
 def _encode_text(self: FrozenCLIP, text: torch.Tensor) -> torch.Tensor:

@@ -250,7 +250,7 @@ def _loader(train_ds, cfg, it, rank, world, device):
 def _check_loss(losses, it, batch, out):
     if not torch.isfinite(losses['total']):
         done = f"the last checkpoint is {out / 'last.pt'}" if (out / 'last.pt').exists() else 'no checkpoint was written yet'
-        raise FloatingPointError(f"The loss is {float(losses['total'])} at iteration {it + 1}; {done}. Lower --lr, or "
+        raise FloatingPointError(f"The loss is {float(losses['total'].detach())} at iteration {it + 1}; {done}. Lower --lr, or "
                                  "check the data and labels of this batch: " + ', '.join(map(str, batch['name'])))
 
 # %% ../nbs/11_train.ipynb #2f712e94
