@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / 'nbs'
 MAX_NB, MAX_ALL = 1_000_000, 6_000_000
 SKIP_FLAGS = ('slow', 'gpu')
+STAGES = ('00_backbone', '01_prompts', '02_cam', '03_decoder', '04_rfm', '05_losses', '08_model', '10_evaluate',
+          '10b_predict', '11_train')   # the stage notebooks: every `##` section with code shows an output
 FIGURE = re.compile(r'^(?!\s*#).*(plt\.|\bshow_(?!doc\b)\w+\(|\.imshow\(|\bsubplots\()', re.M)   # a cell that draws
 
 
@@ -99,8 +101,24 @@ def problems(paths=None) -> list[str]:
                 out.append(f'{where}: draws a figure, and no picture is committed under it')
             if c.get('outputs') and c.get('metadata', {}).get('weclip') != stamp(src, digest):
                 out.append(f'{where}: its output is stale (the cell, the library or the weights changed since it ran)')
+        if p.stem in STAGES: out += [f'{p.name}: section "{t}" runs code and shows no output under it' for t in silent_sections(p)]
     if total > MAX_ALL: out.append(f'nbs/: {total / 1e6:.2f} MB of notebooks, over the 6 MB they may have together')
     return out
+
+
+def silent_sections(path) -> list[str]:
+    "Titles of the `##` sections of a notebook whose shown code cells (not exported, hidden or skipped) print nothing."
+    sections, title = {}, None
+    for c in json.loads(Path(path).read_text())['cells']:
+        src = _source(c)
+        if c['cell_type'] == 'markdown':
+            m = re.search(r'^## (.+)$', src, re.M)
+            if m: title = m[1].strip(); sections.setdefault(title, [0, 0])
+            continue
+        d = _directives(src)
+        if title is None or 'export' in d or 'hide' in d or skipped(src): continue
+        sections[title][0] += 1; sections[title][1] += bool(c.get('outputs'))
+    return [t for t, (n, shown) in sections.items() if n and not shown]
 
 
 if __name__ == '__main__':

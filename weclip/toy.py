@@ -73,11 +73,11 @@ class ToyConfig:
         if self.clutter < 0 or self.colour_jitter < 0: raise ToyError('clutter and colour_jitter must be >= 0.')
         if not 0.1 <= self.body_part <= 1: raise ToyError(f'body_part = {self.body_part}: the part is 0.1..1 of the body radius.')
 
-PRESETS = {'easy': ToyConfig(),  # issue 7's feasibility world: one colour per class, no noise, no clutter
+PRESETS = {'easy': ToyConfig(),  # one colour per class, no noise, no clutter
            'default': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
                                 cooccurrence=0.6)}  # initial-CAM mIoU 0.73 with the shipped tiny CLIP (07b)
 PRESETS['large-parts'] = replace(PRESETS['default'], count_probs=(0.5, 0.5), scale=(0.30, 0.45), textured=1.0, body=0.5,
-                                 body_part=0.65)  # issue 18: the world closest to RFM's headroom targets (07c_headroom)
+                                 body_part=0.65)  # partial CAMs: where RFM has room (07c_headroom)
 
 def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
     "The named preset ('easy', 'default' or 'large-parts'), or the given config, with `changes` applied and checked."

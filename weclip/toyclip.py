@@ -12,7 +12,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
 from tqdm.auto import tqdm
 
-from .backbone import TINY_CLIP, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
+from .backbone import TINY_CLIP, TINY_CLIP_CFG, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
 from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, make_scene
 from .data import NORMS, voc_palette
 from .cam import initial_cam
@@ -132,10 +132,11 @@ def tiny_clip_loss(clip:nn.Module, # the CLIP being trained
                    prompt_tokens:torch.Tensor, # (C + T, L) tokenised class prompts, then texture prompts
                    targets:torch.Tensor, # (B, C + T) multi-hot from `caption_targets`: classes, then textures
                    n_classes:int=len(SHAPES), # C
+                   shaped:tuple=SHAPED_BLOCKS, # 0-based blocks whose attention term (f) shapes
                   ) -> dict[str, torch.Tensor]:
     "The six terms: sigmoid (a) image–prompt, (b) image–caption, (c) patch tokens–prompt, (d) value path–prompt; (e) `concept_loss`; (f) `attention_loss`."
     C = n_classes
-    pooled, patches, value, attns = tiny_forward(clip, images)
+    pooled, patches, value, attns = tiny_forward(clip, images, shaped)
     cap, prm = clip.encode_text(caption_tokens), clip.encode_text(prompt_tokens)  # (B, E), (C + T, E)
     with torch.autocast(images.device.type, enabled=False):                       # the head in float32
         pooled, patches, value = pooled.float(), patches.float(), value.float()
@@ -203,6 +204,7 @@ def train_tiny_clip(steps:int=800, # optimiser steps
                     resume:bool=False, # continue from that checkpoint if it exists
                     cache:str|Path|None=None, # .npz file caching the rendered scenes
                     device:str='cpu', progress:bool=True,
+                    shaped:tuple=SHAPED_BLOCKS, # 0-based blocks whose attention term (f) shapes (default: 5..12)
                    ) -> dict:
     "Train the tiny CLIP on toy image–caption pairs with terms (a)–(f); writes `out`, returns a summary."
     out = Path(out); ckpt = out.with_suffix('.ckpt'); out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,8 @@ def train_tiny_clip(steps:int=800, # optimiser steps
         x = to_input(imgs[idx.numpy()]).to(device)
         for pg in opt.param_groups: pg['lr'] = lr_at(step, steps, lr, warmup)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            terms = tiny_clip_loss(model, x, cap_tok[idx].to(device), prompt_tok.to(device), targets[idx].to(device))
+            terms = tiny_clip_loss(model, x, cap_tok[idx].to(device), prompt_tok.to(device), targets[idx].to(device),
+                                   shaped=tuple(shaped))
         loss = sum(terms.values())
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad); opt.step()
@@ -247,7 +250,7 @@ def train_tiny_clip(steps:int=800, # optimiser steps
                             step=step + 1, history=history, elapsed=before + time.time() - t1), ckpt)
     bar.close()
     torch.save({k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, out)
-    summary = dict(steps=steps, seed=seed, n_train=n_train, preset=preset, size=size, batch=batch, lr=lr,
+    summary = dict(steps=steps, seed=seed, n_train=n_train, preset=preset, size=size, batch=batch, lr=lr, shaped=list(shaped),
                    warmup=warmup, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16, device=device,
                    torch_threads=torch.get_num_threads(), render_s=round(t_render, 1),
                    train_s=round(before + time.time() - t1, 1), resumed_at=start,
@@ -266,6 +269,8 @@ def main(argv=None):
     ap.add_argument('--out', type=Path, default=Path('weclip-tiny.pt'), help='fp16 weights to write (default: %(default)s)')
     ap.add_argument('--n-train', type=int, default=20000, help='training scenes (default: %(default)s)')
     ap.add_argument('--preset', default='default', help="toy-world preset of the training scenes (default: %(default)s)")
+    ap.add_argument('--shaped-blocks', default='5-12', help="1-based blocks whose attention term (f) shapes, e.g. 5-8 "
+                    "(default: %(default)s)")
     ap.add_argument('--batch', type=int, default=64, help='batch size (default: %(default)s)')
     ap.add_argument('--lr', type=float, default=1.5e-3, help='peak learning rate (default: %(default)s)')
     ap.add_argument('--no-bf16', action='store_true', help='train in float32 instead of bf16 autocast')
@@ -278,8 +283,13 @@ def main(argv=None):
     if not a.train: ap.error('nothing to do: pass --train (see --help)')
     if a.threads: torch.set_num_threads(a.threads)
     try:
+        lo, _, hi = a.shaped_blocks.partition('-'); shaped = tuple(range(int(lo) - 1, int(hi or lo)))
+        if not shaped or shaped[0] < 0 or shaped[-1] >= TINY_CLIP_CFG['vision_cfg']['layers']: raise ValueError
+    except ValueError: ap.error(f"--shaped-blocks {a.shaped_blocks!r}: give 1-based blocks FIRST-LAST within "
+                                f"1-{TINY_CLIP_CFG['vision_cfg']['layers']}, e.g. 5-8")
+    try:
         s = train_tiny_clip(a.steps, a.out, a.seed, a.n_train, a.preset, batch=a.batch, lr=a.lr, bf16=not a.no_bf16,
-                            ckpt_every=a.ckpt_every, resume=a.resume, cache=a.cache, device=a.device)
+                            ckpt_every=a.ckpt_every, resume=a.resume, cache=a.cache, device=a.device, shaped=shaped)
     except (ValueError, OSError) as e: sys.exit(f'error: {e}')
     print(f"wrote {a.out}: {s['steps']} steps, render {s['render_s']} s, train {s['train_s']} s, "
           f"final terms {', '.join(f'{k} {v:.3f}' for k, v in s['final_terms'].items())}")
