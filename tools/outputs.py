@@ -12,7 +12,7 @@ notebooks outgrow 1 MB each or 6 MB together.
 """
 from __future__ import annotations
 import hashlib, json, os, re, subprocess, sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,17 @@ def refresh_one(path: str) -> str:
 def refresh(paths=None, workers: int = 2):
     "Execute `paths` (default: every notebook) in place, `workers` at a time, then `nbdev_clean` them."
     paths = [str(p) for p in (paths or sorted(NBS.glob('*.ipynb')))]
-    with ProcessPoolExecutor(workers) as ex:
-        for line in ex.map(refresh_one, paths): print(line, flush=True)
+    def one(p):   # a fresh interpreter per notebook, as nbdev_test gives each its own kernel
+        r = subprocess.run([sys.executable, __file__, 'refresh-one', p], capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS='1'))
+        return (r.stdout.strip() if r.returncode == 0 else f'{Path(p).name}: FAILED\n{r.stderr[-3000:]}'), r.returncode
+    failed = []
+    with ThreadPoolExecutor(workers) as ex:
+        for (line, rc), p in zip(ex.map(one, paths), paths):
+            print(line, flush=True)
+            if rc: failed.append(Path(p).name)
     for p in paths: subprocess.run(['nbdev_clean', '--fname', p], cwd=ROOT, check=True)
+    if failed: sys.exit(f'{len(failed)} notebooks failed: {", ".join(failed)} (their outputs are not refreshed)')
 
 
 def problems(paths=None) -> list[str]:
@@ -124,6 +132,7 @@ def silent_sections(path) -> list[str]:
 if __name__ == '__main__':
     cmd, args = (sys.argv[1] if len(sys.argv) > 1 else ''), sys.argv[2:]
     if cmd == 'refresh': refresh([Path(a) for a in args] or None)
+    elif cmd == 'refresh-one': print(refresh_one(args[0]))
     elif cmd == 'check':
         bad = problems([Path(a) for a in args] or None)
         print('\n'.join(bad) or 'ok: every figure cell has its picture and every output is current')

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from .toy import PRESETS as WORLDS, ToyConfig, ToyError, toy_config, make_scene
+from .toy import PRESETS as WORLDS, ToyConfig, ToyError, toy_config, parse_changes, make_scene
 from .toyclip import to_input
 from .cam import initial_cam, box_mask
 from .decoder import affinity
@@ -192,20 +192,6 @@ def headroom_table(res: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/07c_headroom.ipynb #7e94e79b
-def _parse_set(items) -> dict:
-    "KEY=VALUE pairs for `toy_config`: numbers, tuples as comma lists, words as strings."
-    out = {}
-    for it in items or ():
-        if '=' not in it: raise ToyError(f'--set {it!r}: write KEY=VALUE, e.g. --set scale=0.15,0.30')
-        k, v = it.split('=', 1)
-        try: val = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            val = tuple(s.strip() for s in v.split(',')) if ',' in v else v
-        if isinstance(val, list): val = tuple(val)
-        if isinstance(getattr(ToyConfig(), k.strip(), None), tuple) and not isinstance(val, tuple): val = (val,)
-        out[k.strip()] = val
-    return out
-
 def main(argv=None):
     "Command line: the headroom table of a toy world and tiny CLIP on fresh scenes."
     ap = argparse.ArgumentParser(prog='python -m weclip.headroom', description=main.__doc__ + ' Rows: no propagation, '
@@ -231,7 +217,7 @@ def main(argv=None):
     try:
         if a.n < 1: raise ToyError(f'--n {a.n}: measure at least one scene.')
         if min(a.alpha) < 1: raise ToyError(f'--alpha {a.alpha}: powers are integers >= 1.')
-        world = toy_config(a.world, **_parse_set(a.set))
+        world = toy_config(a.world, **parse_changes(a.set))
         res = measure_headroom(world, a.n, a.seed, tuple(a.alpha), a.checkpoint, a.clip_weights, a.variant,
                                a.constant, a.batch, a.device, progress=lambda s: print(s, file=sys.stderr, flush=True))
     except (ValueError, OSError, TypeError) as e: sys.exit(f'error: {e}')

@@ -4,8 +4,8 @@
 
 # %% ../nbs/07_toyworld.ipynb #39780f5d
 from __future__ import annotations
-import argparse, json, os, sys, textwrap, time, zlib
-from dataclasses import dataclass, asdict, replace
+import argparse, ast, json, os, sys, textwrap, time, zlib
+from dataclasses import dataclass, asdict, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['SHAPES', 'TEXTURES', 'COLOURS', 'CLASS_COLOUR', 'PREFERRED', 'PRESETS', 'OUTLINES', 'ToyError', 'ToyConfig',
-           'toy_config', 'value_noise', 'texture', 'raster', 'shape_parts', 'keep_visible', 'make_caption', 'Scene',
-           'scene_rngs', 'make_scene', 'show_scenes', 'write_toy_dataset', 'main']
+           'toy_config', 'parse_changes', 'value_noise', 'texture', 'raster', 'shape_parts', 'keep_visible',
+           'make_caption', 'Scene', 'scene_rngs', 'make_scene', 'show_scenes', 'write_toy_dataset', 'main']
 
 # %% ../nbs/07_toyworld.ipynb #156e5f56
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'hexagon', 'diamond', 'crescent')
@@ -81,9 +81,26 @@ PRESETS['large-parts'] = replace(PRESETS['default'], count_probs=(0.5, 0.5), sca
 
 def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
     "The named preset ('easy', 'default' or 'large-parts'), or the given config, with `changes` applied and checked."
+    bad = sorted(set(changes) - {f.name for f in fields(ToyConfig)})
+    if bad: raise ToyError(f'unknown world field(s) {", ".join(bad)}: use fields of ToyConfig, e.g. body_tint, scale, clutter.')
     if isinstance(preset, ToyConfig): return replace(preset, **changes)
     if preset not in PRESETS: raise ToyError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}.')
     return replace(PRESETS[preset], **changes)
+
+def parse_changes(items:list|None, # KEY=VALUE strings, as `--set` takes them
+                 ) -> dict:
+    "`toy_config` changes from KEY=VALUE strings: numbers, tuples as comma lists, words as strings."
+    out = {}
+    for it in items or ():
+        if '=' not in it: raise ToyError(f'--set {it!r}: write KEY=VALUE, e.g. --set scale=0.15,0.30')
+        k, v = it.split('=', 1)
+        try: val = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            val = tuple(s.strip() for s in v.split(',')) if ',' in v else v
+        if isinstance(val, list): val = tuple(val)
+        if isinstance(getattr(ToyConfig(), k.strip(), None), tuple) and not isinstance(val, tuple): val = (val,)
+        out[k.strip()] = val
+    return out
 
 # %% ../nbs/07_toyworld.ipynb #fa35b302
 @lru_cache(maxsize=8)
@@ -378,7 +395,7 @@ def write_toy_dataset(root, # dataset folder (created)
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
     from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (2.6 s measured)
-    bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not progress)
+    bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not (progress and sys.stderr.isatty()))  # no bar in a batch log
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):
         splits[split] = [f'toy_{split}_{i:06d}' for i in range(n)]
@@ -411,6 +428,7 @@ def main(argv=None):
     ap.add_argument('--seed', type=int, default=0, help='world seed (default: %(default)s)')
     ap.add_argument('--preset', choices=list(PRESETS), default='default', help='knob settings (default: %(default)s)')
     ap.add_argument('--classes', default=','.join(SHAPES), help='comma-separated classes (default: all 8)')
+    ap.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='change world fields, e.g. body_tint=0.3 scale=0.2,0.4')
     ap.add_argument('--train-clip', action='store_true', help='points to `python -m weclip.toyclip --train` (notebook 07b)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     a = ap.parse_args(argv)
@@ -418,12 +436,12 @@ def main(argv=None):
                               '(see --help there); this command writes toy datasets.')
     if a.out is None: ap.error('--out DIR is required')
     try:
-        cfg = toy_config(a.preset, classes=tuple(c.strip() for c in a.classes.split(',') if c.strip()))
+        cfg = toy_config(a.preset, classes=tuple(c.strip() for c in a.classes.split(',') if c.strip()), **parse_changes(a.set))
         t = time.perf_counter()
         write_toy_dataset(a.out, a.n_train, a.n_val, a.size, a.seed, cfg, progress=not a.quiet)
     except ToyError as e: sys.exit(f'error: {e}')
     dt = time.perf_counter() - t
-    print(f'wrote {a.n_train} train + {a.n_val} val toy scenes ({a.preset}, {a.size}px, seed {a.seed}) to {a.out} '
+    print(f'wrote {a.n_train} train + {a.n_val} val toy scenes ({" ".join([a.preset, *(a.set or [])])}, {a.size}px, seed {a.seed}) to {a.out} '
           f'in {dt:.1f}s ({(a.n_train + a.n_val) / max(dt, 1e-9):.0f} images/s)')
 
 # %% ../nbs/07_toyworld.ipynb #bf84f09e

@@ -5,6 +5,7 @@
 # %% ../nbs/07b_toyclip.ipynb #dc96de68
 from __future__ import annotations
 import argparse, json, math, re, sys, time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import open_clip
 from tqdm.auto import tqdm
 
 from .backbone import TINY_CLIP, TINY_CLIP_CFG, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
-from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, make_scene
+from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, parse_changes, make_scene
 from .data import NORMS, voc_palette
 from .cam import initial_cam
 from .rfm import pseudo_labels
@@ -165,7 +166,7 @@ def render_scenes(n:int, # how many scenes
     cfg = toy_config(preset, size=size)
     imgs, masks = np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), np.uint8)
     caps, labels = [], np.zeros((n, len(cfg.classes)), np.float32)
-    for i in tqdm(range(n), desc=f'{split} scenes', disable=not progress, mininterval=5):
+    for i in tqdm(range(n), desc=f'{split} scenes', disable=not (progress and sys.stderr.isatty()), mininterval=5):
         s = make_scene(i, seed, cfg, split)
         imgs[i], masks[i] = s.image, s.mask; caps.append(s.caption); labels[i, s.labels] = 1
     return imgs, caps, labels, masks
@@ -196,7 +197,7 @@ def train_tiny_clip(steps:int=800, # optimiser steps
                     out:str|Path='weclip-tiny.pt', # final fp16 state dict
                     seed:int=0, # seeds the model init, the batches and the world
                     n_train:int=20000, # training scenes
-                    preset:str='default', # toy-world preset of the training scenes
+                    preset:str|ToyConfig='default', # toy-world preset (or config) of the training scenes
                     size:int=96, # training image side (the tower's 12x12 grid)
                     batch:int=64, lr:float=1.5e-3, warmup:int=100, weight_decay:float=0.1, clip_grad:float=1.0,
                     bf16:bool=True, # bf16 autocast (CPU or GPU)
@@ -228,7 +229,8 @@ def train_tiny_clip(steps:int=800, # optimiser steps
         model.load_state_dict(st['model']); opt.load_state_dict(st['opt']); g.set_state(st['gen'])
         order, start, history, before = st['order'], st['step'], st['history'], st.get('elapsed', 0.0)
     per_epoch = len(imgs) // batch
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc='tiny CLIP', disable=not progress, mininterval=10)
+    tty = progress and sys.stderr.isatty()          # a batch log gets a plain line every 50 steps instead of a bar
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc='tiny CLIP', disable=not tty, mininterval=10)
     t1 = time.time()
     for step in bar:
         k = step % per_epoch
@@ -245,12 +247,15 @@ def train_tiny_clip(steps:int=800, # optimiser steps
         history.append({k: round(v.item(), 4) for k, v in terms.items()})
         bar.set_postfix({k: f'{v:.3f}' for k, v in history[-1].items()} | {'s': f'{model.logit_scale.exp().item():.1f}'},
                         refresh=False)
+        if progress and not tty and ((step + 1) % 50 == 0 or step + 1 == steps):
+            print(f"tiny CLIP step {step + 1}/{steps} | " + ' '.join(f'{k} {v:.3f}' for k, v in history[-1].items())
+                  + f' | {before + time.time() - t1:.0f} s', flush=True)
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
             torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(), order=order,
                             step=step + 1, history=history, elapsed=before + time.time() - t1), ckpt)
     bar.close()
     torch.save({k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, out)
-    summary = dict(steps=steps, seed=seed, n_train=n_train, preset=preset, size=size, batch=batch, lr=lr, shaped=list(shaped),
+    summary = dict(steps=steps, seed=seed, n_train=n_train, preset=preset if isinstance(preset, str) else asdict(preset), size=size, batch=batch, lr=lr, shaped=list(shaped),
                    warmup=warmup, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16, device=device,
                    torch_threads=torch.get_num_threads(), render_s=round(t_render, 1),
                    train_s=round(before + time.time() - t1, 1), resumed_at=start,
@@ -269,6 +274,7 @@ def main(argv=None):
     ap.add_argument('--out', type=Path, default=Path('weclip-tiny.pt'), help='fp16 weights to write (default: %(default)s)')
     ap.add_argument('--n-train', type=int, default=20000, help='training scenes (default: %(default)s)')
     ap.add_argument('--preset', default='default', help="toy-world preset of the training scenes (default: %(default)s)")
+    ap.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='change world fields, e.g. body_tint=0.3')
     ap.add_argument('--shaped-blocks', default='5-12', help="1-based blocks whose attention term (f) shapes, e.g. 5-8 "
                     "(default: %(default)s)")
     ap.add_argument('--batch', type=int, default=64, help='batch size (default: %(default)s)')
@@ -288,7 +294,8 @@ def main(argv=None):
     except ValueError: ap.error(f"--shaped-blocks {a.shaped_blocks!r}: give 1-based blocks FIRST-LAST within "
                                 f"1-{TINY_CLIP_CFG['vision_cfg']['layers']}, e.g. 5-8")
     try:
-        s = train_tiny_clip(a.steps, a.out, a.seed, a.n_train, a.preset, batch=a.batch, lr=a.lr, bf16=not a.no_bf16,
+        world = toy_config(a.preset, **parse_changes(a.set)) if a.set else a.preset
+        s = train_tiny_clip(a.steps, a.out, a.seed, a.n_train, world, batch=a.batch, lr=a.lr, bf16=not a.no_bf16,
                             ckpt_every=a.ckpt_every, resume=a.resume, cache=a.cache, device=a.device, shaped=shaped)
     except (ValueError, OSError) as e: sys.exit(f'error: {e}')
     print(f"wrote {a.out}: {s['steps']} steps, render {s['render_s']} s, train {s['train_s']} s, "
