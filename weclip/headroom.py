@@ -4,7 +4,7 @@
 
 # %% ../nbs/07c_headroom.ipynb #a8e3fa0e
 from __future__ import annotations
-import argparse, ast, json, sys, time
+import argparse, json, sys, time
 from dataclasses import asdict
 
 import numpy as np

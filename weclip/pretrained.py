@@ -12,7 +12,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 
 from .toy import make_scene, toy_config
-from .data import NORMS, voc_palette, one_line
+from .data import normalize, voc_palette, one_line
 from .config import TOY_WORLD, cache_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import WeCLIP
@@ -58,10 +58,9 @@ def toy_batch(indices=EXAMPLES, # toy val scene numbers
     "Toy val scenes as a batch: 'image' (B,3,H,W) normalised, 'rgb' (B,H,W,3) uint8, 'mask' (B,H,W), 'labels' (B,C), 'captions'."
     scenes = [make_scene(int(i), seed, world, 'val') for i in indices]
     rgb = np.stack([s.image for s in scenes])
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMS[norm])
     labels = torch.zeros(len(scenes), len(toy_config(world).classes))
     for b, s in enumerate(scenes): labels[b, s.labels] = 1
-    return dict(image=(torch.from_numpy(rgb).permute(0, 3, 1, 2).float() - mean) / std, rgb=rgb,
+    return dict(image=torch.stack([normalize(im, norm) for im in rgb]), rgb=rgb,
                 mask=torch.from_numpy(np.stack([s.mask for s in scenes])).long(), labels=labels,
                 captions=[s.caption for s in scenes])
 
