@@ -76,3 +76,13 @@ def test_torchrun_nccl(voc, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     state = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
     assert state['iteration'] == 6 and len(state['rng']) == n and 'cuda' in state['rng'][0]
+
+
+def test_step_waits_once_on_cuda():
+    """A VOC-sized step (ViT-B-16, batch 4, 320², RFM on, bf16) waits for the GPU once: the copy of M_init for the
+    box masks. CUDA's own count (set_sync_debug_mode) is printed beside the kit's `DeviceWaits` count."""
+    from weclip.bench import stages
+    r = stages('ViT-B-16', batch=4, size=320, device='cuda', repeats=2)
+    print(json.dumps({k: r[k] for k in ('syncs_per_step', 'waits_per_step', 'waits')}))
+    assert r['waits_per_step'] == 1, r['waits']
+    assert r['syncs_per_step'] <= 2, r

@@ -15,12 +15,17 @@ from .model import WeCLIP
 from .config import PRESETS, resolve_device
 from .evaluate import msc_flip_logits, dense_crf, to_uint8, crf_available, CRFPool, available_cores
 from .data import read_image, TrainTransform
-import tempfile
+import tempfile, collections, traceback
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
+from torch.utils._pytree import tree_leaves
 import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'stages', 'main']
+__all__ = ['WAIT_OPS', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'stages', 'DeviceWaits',
+           'step_waits', 'main']
 
 # %% ../nbs/12_bench.ipynb #ad7ec1f3
 def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> dict:
@@ -63,7 +68,7 @@ def bench_inputs(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, 
     images = F.interpolate(torch.randn(batch, 3, size // 16, size // 16, generator=g), size=(size, size), mode='bicubic')
     labels = torch.zeros(batch, fg.shape[0])
     for b in range(batch): labels[b, torch.randperm(fg.shape[0], generator=g)[:n_labels]] = 1
-    return model, dict(image=images.to(device), labels=labels.to(device),
+    return model, dict(image=images.to(device), labels=labels,                 # labels on the CPU, as a loader gives them
                        valid=torch.ones(batch, size, size, dtype=torch.bool, device=device))
 
 # %% ../nbs/12_bench.ipynb #959517aa
@@ -210,7 +215,7 @@ def _timed_step(model: WeCLIP, b: dict, iteration: int, opt, timer: StageTimer) 
 
 def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
            iteration: int = 20000) -> dict:
-    "Median seconds per stage of a training step (RFM on at `iteration`), the step, and its host-device syncs (CUDA)."
+    "Median seconds per stage of a training step (RFM on at `iteration`), the step, its waits for the device (`DeviceWaits`, any device) and its host-device syncs (CUDA's own count)."
     cuda = device.startswith('cuda')
     model, b = bench_inputs(model_name, batch, size, device=device)
     model.train()
@@ -230,8 +235,77 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         syncs = sum('synchroniz' in str(x.message) for x in w)
     sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
+    w = step_waits(model, b, iteration, opt)          # counted the same way on every device
     return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
-                seconds=sec)
+                waits_per_step=w.total, waits=dict(w.where), seconds=sec)
+
+# %% ../nbs/12_bench.ipynb #b7e1a002
+_aten = torch.ops.aten
+WAIT_OPS = {  # operations whose result the host needs at once: on a GPU each waits for all work queued before it
+    _aten._local_scalar_dense.default: '.item() / int() / bool() of a tensor', _aten.is_nonzero.default: 'bool() of a tensor',
+    _aten.nonzero.default: 'nonzero (its size)', _aten.masked_select.default: 'masked_select (its size)',
+    _aten.equal.default: 'torch.equal', _aten._unique2.default: 'unique (its size)', _aten.unique_dim.default: 'unique (its size)',
+    _aten.unique_consecutive.default: 'unique (its size)', _aten.repeat_interleave.Tensor: 'repeat_interleave (its size)',
+    _aten.bincount.default: 'bincount (its size)'}
+_BOOL_INDEX = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+
+class _HostReads(TorchFunctionMode):
+    "The reads that never reach the dispatcher on a CPU: .tolist(), .numpy(), and .cpu() of a tensor already there."
+    def __init__(self, waits): super().__init__(); self.w = waits
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, '__name__', '')
+        if name in ('tolist', 'numpy', 'cpu') and args and self.w.on_device(args[0]) and (name != 'cpu' or out is args[0]):
+            self.w.add(f'.{name}()')
+        return out
+
+class DeviceWaits(TorchDispatchMode):
+    """Counts, on any device (the CPU too), the operations of some code that would make the host wait for a GPU: reading
+    a value (`.item()`, `bool()`, `torch.equal`), a result whose size depends on the data (`nonzero`, boolean
+    indexing, `unique`), and copies to the host. Only operations on *device* tensors count: those derived from
+    `device_tensors` (the model's weights, the batch's images); `host_tensors` (the labels, as a loader gives them)
+    and whatever is computed from them alone stay on the host and are free. Use as a context manager."""
+    def __init__(self, device_tensors=(), host_tensors=()):
+        super().__init__()
+        self.tag, self.counts, self.where = WeakTensorKeyDictionary(), collections.Counter(), collections.Counter()
+        for t in device_tensors: self.tag[t] = 'device'
+        for t in host_tensors: self.tag[t] = 'host'
+        self._reads = _HostReads(self)
+    def on_device(self, t) -> bool: return isinstance(t, torch.Tensor) and self.tag.get(t) == 'device'
+    def add(self, what: str):
+        self.counts[what] += 1
+        f = next((f for f in reversed(traceback.extract_stack()) if '/weclip/' in f.filename and 'bench.py' not in f.filename), None)
+        self.where[f"{what} at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" if f else what] += 1
+    @property
+    def total(self) -> int: return sum(self.counts.values())
+    def __enter__(self): self._reads.__enter__(); return super().__enter__()
+    def __exit__(self, *exc): super().__exit__(*exc); return self._reads.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        dev = any(self.on_device(t) for t in ins)
+        to_host = func is _aten._to_copy.default and kwargs.get('device') == torch.device('cpu')
+        if dev:
+            if func in WAIT_OPS: self.add(WAIT_OPS[func])
+            elif func in _BOOL_INDEX and any(t is not None and t.dtype == torch.bool for t in args[1]): self.add('boolean indexing (its size)')
+            elif to_host: self.add('copy to the host')
+        out = func(*args, **kwargs)
+        if ins and not (func in WAIT_OPS or to_host):     # results of device tensors live on the device
+            tag = 'device' if dev else ('host' if any(self.tag.get(t) == 'host' for t in ins) else None)
+            if tag:
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor): self.tag[t] = tag
+        elif to_host and isinstance(out, torch.Tensor): self.tag[out] = 'host'
+        return out
+
+def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> DeviceWaits:
+    "The device waits of one training step of `model` (forward, backward and, with `opt`, the optimizer), on any device."
+    tensors = list(model.state_dict(keep_vars=True).values()) + [v for v in vars(model).values() if torch.is_tensor(v)]
+    tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
+    with DeviceWaits(tensors, [batch['labels']]) as w:
+        r = model(batch, iteration=iteration); r['total'].backward()
+        if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
+    return w
 
 # %% ../nbs/12_bench.ipynb #3e7d0afe
 def main(argv=None):
@@ -247,7 +321,8 @@ def main(argv=None):
     ap.add_argument('--repeats', type=int, default=3, help='timed steps per way (median reported)')
     ap.add_argument('--iteration', type=int, default=20000, help='training iteration (RFM is on after the switch-on)')
     ap.add_argument('--stages', action='store_true', help='seconds per stage of a training step of --model (CUDA events '
-                    'on a GPU) and, on CUDA, the host-device synchronisations per step')
+                    'on a GPU), the waits for the device per step (counted on any device) and, on CUDA, its own count of '
+                    'host-device synchronisations')
     ap.add_argument('--no-toy', action='store_true', help="throughput: skip the toy preset (tiny CLIP at the toy preset's batch and crop)")
     ap.add_argument('--no-crf', action='store_true', help='throughput: skip DenseCRF')
     ap.add_argument('--worker', choices=['ours', 'reference', 'throughput'], help=argparse.SUPPRESS)

@@ -85,7 +85,7 @@ def grad_cam(grads: torch.Tensor, # (B, K, hw, D) gradients of K scores w.r.t. t
 # %% ../nbs/02_cam.ipynb #6935c172
 def label_slots(labels: torch.Tensor, # (B, C) bool image-level labels
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Each image's present classes in ascending order, padded: class index (B, K) and validity (B, K), K = most labels per image."
+    "Each image's present classes in ascending order, padded: class index (B, K) and validity (B, K), K = most labels per image. Free of GPU waits when `labels` are on the CPU (as a loader gives them)."
     B, C = labels.shape
     K = int(labels.sum(1).max()) if labels.numel() else 0
     ar = torch.arange(C, device=labels.device)
@@ -126,7 +126,7 @@ def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with
         raise CAMError(f"out['grid'] {h}x{w} does not match {A.shape[1]} tokens (class token + h*w patches): "
                        "pass forward_intermediates' output unchanged.")
     p = class_scores(patches, labels, fg_text, bg_text, logit_scale, variant)        # (B, T), checks the inputs
-    present = labels.to(patches.device).bool()
+    present, dev = labels.bool(), patches.device          # slots found where the labels live: on the CPU, no GPU wait
     B, C = present.shape
     idx, valid = label_slots(present)                                                  # (B, K)
     K = idx.shape[1]
@@ -137,7 +137,8 @@ def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with
                        "and outside torch.no_grad().")
     onehot = torch.zeros(K, *p.shape, device=p.device, dtype=p.dtype)                 # (K, B, T): slot k picks p[b, idx[b, k]]
     b_, k_ = valid.nonzero(as_tuple=True)
-    onehot[k_, b_, idx[b_, k_]] = 1
+    onehot[tuple(t.to(dev, non_blocking=True) for t in (k_, b_, idx[b_, k_]))] = 1
+    idx, valid = idx.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
     try: grads, = torch.autograd.grad(p, A, onehot, retain_graph=retain_graph, is_grads_batched=True)  # (K, B, 1+hw, D)
     except RuntimeError as e:
         if 'second time' not in str(e): raise

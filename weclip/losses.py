@@ -13,7 +13,8 @@ __all__ = ['check_seg_inputs', 'seg_loss', 'radius_mask', 'affinity_targets', 'a
 # %% ../nbs/05_losses.ipynb #f42f2835
 def check_seg_inputs(P: torch.Tensor, # (B,K,h,w) decoder logits, background first
                      M_p: torch.Tensor, # (B,H,W) pseudo labels: 0 background, 1..C classes, ignore_index ignored
-                     ignore_index: int = IGNORE):
+                     ignore_index: int = IGNORE,
+                     check_values: bool = True): # False: skip reading M_p's values (a GPU wait), for labels valid by construction
     "Raise a ValueError unless P (B,K,h,w) and M_p (B,H,W) fit: same batch, integer labels in 0..K-1 or ignore_index."
     if not torch.is_tensor(P) or P.ndim != 4 or not P.is_floating_point():
         raise ValueError(f"P must be float logits shaped (B, K, h, w); got {tuple(P.shape) if torch.is_tensor(P) else type(P).__name__}.")
@@ -25,6 +26,7 @@ def check_seg_inputs(P: torch.Tensor, # (B,K,h,w) decoder logits, background fir
     if P.shape[0] != M_p.shape[0]:
         raise ValueError(f"P has batch size {P.shape[0]} but M_p has {M_p.shape[0]}: pass the pseudo labels of the same images.")
     K = P.shape[1]
+    if not check_values: return
     bad = (M_p != ignore_index) & ((M_p < 0) | (M_p >= K))
     if bad.any():
         vals = sorted(set(M_p[bad].unique().tolist()))[:5]
@@ -35,9 +37,10 @@ def check_seg_inputs(P: torch.Tensor, # (B,K,h,w) decoder logits, background fir
 def seg_loss(P: torch.Tensor, # (B,K,h,w) decoder logits, background first
              M_p: torch.Tensor, # (B,H,W) pseudo labels, ignore_index ignored
              variant: str = 'official', # 'official': ½ bg CE + ½ fg CE; 'paper': plain CE
-             ignore_index: int = IGNORE):
+             ignore_index: int = IGNORE,
+             check_values: bool = True): # False: M_p's values are not read back (see `check_seg_inputs`)
     "L_seg: CE between P upsampled (bilinear) to M_p's size and M_p; official splits it half background, half foreground."
-    check_seg_inputs(P, M_p, ignore_index)
+    check_seg_inputs(P, M_p, ignore_index, check_values)
     if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
     M = M_p.long()
     logits = F.interpolate(P, size=M.shape[-2:], mode='bilinear', align_corners=False)
@@ -84,12 +87,13 @@ def affinity_loss(A_f: torch.Tensor, # (B,hw,hw) decoder affinity, in (0,1)
     if A_f.shape != targets.shape:
         raise ValueError(f"A_f {tuple(A_f.shape)} and the targets {tuple(targets.shape)} must have the same shape (B, hw, hw).")
     if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
-    pos, neg = targets == 1, targets == 0
+    pos, neg = targets == 1, targets == 0           # masked sums by `where`, not A_f[pos]: a boolean index waits for a GPU
     if variant == 'official':
-        return 0.5 * (1 - A_f)[pos].sum() / (pos.sum() + 1) + 0.5 * A_f[neg].sum() / (neg.sum() + 1)
+        return (0.5 * torch.where(pos, 1 - A_f, 0).sum() / (pos.sum() + 1)
+                + 0.5 * torch.where(neg, A_f, 0).sum() / (neg.sum() + 1))
     valid = pos | neg
-    bce = F.binary_cross_entropy(A_f[valid], pos[valid].to(A_f.dtype), reduction='sum')
-    return bce / valid.sum().clamp(min=1)
+    bce = F.binary_cross_entropy(A_f, pos.to(A_f.dtype), reduction='none')
+    return torch.where(valid, bce, 0).sum() / valid.sum().clamp(min=1)
 
 # %% ../nbs/05_losses.ipynb #0067fecf
 def weclip_loss(P: torch.Tensor, # (B,K,h,w) decoder logits on the patch grid
@@ -99,14 +103,16 @@ def weclip_loss(P: torch.Tensor, # (B,K,h,w) decoder logits on the patch grid
                 radius: int | None = 8, # affinity pairs farther apart are ignored (None: all pairs)
                 seg_variant: str = 'official', # 'official' or 'paper', see `seg_loss`
                 aff_variant: str = 'official', # 'official' or 'paper', see `affinity_loss`
-                ignore_index: int = IGNORE) -> dict:
+                ignore_index: int = IGNORE,
+                check_values: bool = True, # False: M_p's values are not read back (labels valid by construction)
+               ) -> dict:
     "L = L_seg(P↑, M_p) + λ·L_aff(A_f, Â(M_p)): a dict with total, seg and aff (scalar tensors)."
-    check_seg_inputs(P, M_p, ignore_index)
+    check_seg_inputs(P, M_p, ignore_index, check_values)
     B, K, h, w = P.shape
     if not torch.is_tensor(A_f) or tuple(A_f.shape) != (B, h * w, h * w):
         raise ValueError(f"A_f has shape {tuple(A_f.shape) if torch.is_tensor(A_f) else type(A_f).__name__}, expected "
                          f"(B, hw, hw) = ({B}, {h * w}, {h * w}) for P of shape {tuple(P.shape)}: "
                          "compute it from the same decoder pass, A_f = affinity(F_u).")
-    seg = seg_loss(P, M_p, seg_variant, ignore_index)
+    seg = seg_loss(P, M_p, seg_variant, ignore_index, check_values=False)   # checked above
     aff = affinity_loss(A_f, affinity_targets(M_p, (h, w), radius, ignore_index), aff_variant)
     return dict(total=seg + lam * aff, seg=seg, aff=aff)

@@ -9,7 +9,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP
 from .prompts import class_names, background_names, prompt_templates, text_features
-from .cam import initial_cam, initial_cam_official, box_mask
+from .cam import initial_cam, initial_cam_official, box_mask, check_labels
 from .decoder import Decoder, affinity, count_params
 from .rfm import refine_cam, pseudo_labels
 from .losses import weclip_loss
@@ -95,8 +95,11 @@ def _forward(self: WeCLIP,
             ) -> dict:
     "One WeCLIP step: losses total/seg/aff (scalars) and P, A_f, M_init, M_f, M_p for inspection."
     dev = self.fg_text.device
-    images, labels = batch['image'].to(dev), batch['labels'].to(dev)
-    valid = batch['valid'].to(dev) if 'valid' in batch else None
+    labels = batch['labels']            # kept where the loader put them (the CPU): slots and checks read them without a GPU wait
+    if not torch.is_tensor(labels): raise ValueError(f"batch['labels'] must be a (B, C) tensor, got {type(labels).__name__}.")
+    labels = check_labels(labels, len(self.fg_text), len(batch['image']))   # one line for bad labels; bool from here on
+    images = batch['image'].to(dev, non_blocking=True)
+    valid = batch['valid'].to(dev, non_blocking=True) if 'valid' in batch else None
     out = self.backbone(images)
     with torch.autocast(dev.type, enabled=False):  # Grad-CAM and the CAM arithmetic in fp32
         scale = self.backbone.clip.logit_scale.exp()
@@ -108,25 +111,34 @@ def _forward(self: WeCLIP,
         if batch.get('mask') is None:
             raise ValueError("supervision='full' trains on the true masks and this batch has none: load the training "
                              "split with masks (the trainer does for --supervision full).")
-        target = batch['mask'].to(dev)
+        target = batch['mask'].to(dev, non_blocking=True)
     return self.supervise(images, labels, valid, out, M_init, iteration, target=target)
 WeCLIP.forward = _forward
+
+def _copy_event(device: torch.device):
+    "A CUDA event recorded now on `device` (None elsewhere): waiting on it waits for work issued so far, not for later work."
+    if device.type != 'cuda': return None
+    e = torch.cuda.Event(); e.record(torch.cuda.current_stream(device)); return e
 
 def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Tensor, iteration: int | None,
                boxes_fn=box_mask, refine_fn=refine_cam, labels_fn=pseudo_labels, target=None) -> dict:
     "Decoder → P, A_f; boxes, RFM and PAR → M_p (no gradient); losses on M_p, or on `target` (B,H,W) if given. The `*_fn` stages can be swapped (the benchmark's references)."
-    paper = self.variant == 'paper'
-    P, F_u = self.decoder(out['tokens'][:self.decoder.n_blocks], out['grid'])
+    paper, dev = self.variant == 'paper', M_init.device
+    M_host = M_init.detach().to('cpu', non_blocking=True, copy=True)   # boxes are found on the CPU, as the official code does: a
+    copied = _copy_event(dev)                              # GPU connected-components loop would wait at every pass
+    P, F_u = self.decoder(out['tokens'][:self.decoder.n_blocks], out['grid'])   # the GPU runs this while the copy lands
     A_f = affinity(F_u.float())
     with torch.no_grad():
-        boxes = boxes_fn(M_init, self.box_threshold)
+        if copied is not None: copied.synchronize()        # the step's one wait: for M_init, not for the decoder
+        boxes = boxes_fn(M_host, self.box_threshold).to(dev, non_blocking=True)
         M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
                         iteration=(None if iteration is None else iteration + 1) if self.rfm else 0, switch_on=self.rfm_start,
                         n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power,
                         numerics=self.numerics)
         M_p = labels_fn(images.float(), M_f, labels, valid, **({'numerics': 'official'} if self.numerics == 'official' else {}))
     losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
-                         seg_variant=self.variant, aff_variant=self.variant)
+                         seg_variant=self.variant, aff_variant=self.variant,
+                         check_values=target is not None)     # M_p is valid by construction: no values read back
     return dict(losses, P=P, A_f=A_f, M_init=M_init, M_f=M_f, M_p=M_p)
 WeCLIP.supervise = _supervise
 

@@ -24,7 +24,7 @@ def _check_labels(labels, B, C, what):
         got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
         raise ValueError(f"labels must be a (B, C)=({B}, {C}) multi-hot tensor matching {what}, got {got}. "
                          "Pass one row per image and one column per foreground class (no background column).")
-    if ((labels != 0) & (labels != 1)).any():
+    if labels.dtype != torch.bool and ((labels != 0) & (labels != 1)).any():   # bool: nothing to read back
         raise ValueError("labels must be multi-hot (0/1 or bool) over the C foreground classes; found other values. "
                          "Convert class indices with F.one_hot(idx, C).amax(0) or similar.")
 
@@ -147,7 +147,7 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
     if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict, numerics)
     else: R = warmup_map(attn, n_warmup_layers)
     T = transition(R, n_rounds, alpha, power)                              # (B, hw, hw), once per image
-    present = labels.bool()[:, :, None, None]
+    present = labels.bool().to(M_init.device, non_blocking=True)[:, :, None, None]
     if numerics == 'official':  # one masked matrix-vector product per image and class: a batched product rounds differently
         M_f = M_init.new_zeros(B, C, h, w, dtype=torch.float32)
         for b, c in labels.bool().nonzero().tolist():
@@ -357,10 +357,11 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
         raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
     if numerics == 'official':
         return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
-    present = labels.bool()
+    present = labels.bool()                               # slots found where the labels live: on the CPU, no GPU wait
     K = int(present.sum(1).max())
     order = torch.sort(present.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
     slot = present.gather(1, order)                                          # (B, K) real class in this slot?
+    order, slot = order.to(M_f.device, non_blocking=True), slot.to(M_f.device, non_blocking=True)
     cams = M_f.float().gather(1, order[:, :, None, None].expand(B, K, h, w)) * slot[:, :, None, None]
     if K: cams = F.interpolate(cams, size=(H, W), mode='bilinear', align_corners=False)
     else: cams = cams.new_zeros(B, 0, H, W)                                 # no image has a foreground label

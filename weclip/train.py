@@ -20,8 +20,8 @@ from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, eval
                              default_long_side, crf_available)
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'Interrupted', 'train',
-           'report', 'main']
+__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'Interrupted',
+           'LossWatch', 'train', 'report', 'main']
 
 # %% ../nbs/11_train.ipynb #6b82c3c9
 def lr_factor(it: int, iters: int, warmup_iters: int = 50, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
@@ -247,11 +247,37 @@ def _loader(train_ds, cfg, it, rank, world, device):
                                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.num_workers else None,
                                        generator=torch.Generator().manual_seed(cfg.seed + it))
 
-def _check_loss(losses, it, batch, out):
-    if not torch.isfinite(losses['total']):
-        done = f"the last checkpoint is {out / 'last.pt'}" if (out / 'last.pt').exists() else 'no checkpoint was written yet'
-        raise FloatingPointError(f"The loss is {float(losses['total'].detach())} at iteration {it + 1}; {done}. Lower --lr, or "
-                                 "check the data and labels of this batch: " + ', '.join(map(str, batch['name'])))
+class LossWatch:
+    """Stops training at a non-finite loss before it reaches a checkpoint. On the CPU each step's loss is read at once
+    (free). On a GPU reading it would make the host wait for the step every iteration, so a flag on the device collects
+    the steps and is read (`check`) when progress is logged and before any evaluation or checkpoint."""
+    read_every_step = None   # None: on the CPU only; True/False force it (the tests)
+    def __init__(self, device: torch.device, out: Path, world: int = 1):
+        self.eager = device.type == 'cpu' if self.read_every_step is None else self.read_every_step
+        self.flag, self.out, self.world, self.since = torch.zeros((), dtype=torch.bool, device=device), out, world, None
+    def _done(self) -> str:
+        last = self.out / 'last.pt'
+        return f"the last checkpoint is {last}" if last.exists() else 'no checkpoint was written yet'
+    def add(self, losses: dict, it: int, batch: dict):
+        "Record the loss of 0-based iteration `it`."
+        total = losses['total'].detach()
+        if self.eager:
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"The loss is {float(total)} at iteration {it + 1}; {self._done()}. Lower --lr, "
+                                         "or check the data and labels of this batch: " + ', '.join(map(str, batch['name'])))
+            return
+        self.flag |= ~torch.isfinite(total)
+        if self.since is None: self.since = it + 1
+    def check(self, it: int):
+        "Raise if a loss since the last check was non-finite (all ranks call it at the same iterations)."
+        if self.eager or self.since is None: return
+        flag = self.flag.int()
+        if self.world > 1: dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            where = f"iteration {it}" if self.since == it else f"iterations {self.since}-{it}"
+            raise FloatingPointError(f"The loss was NaN or infinite at {where} (read every --log-every iterations on a "
+                                     f"GPU); {self._done()}. Lower --lr, or check the data and labels of those batches.")
+        self.since = None
 
 # %% ../nbs/11_train.ipynb #2f712e94
 def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
@@ -264,8 +290,8 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         sub, why_not = pseudo_subset(cfg) if main_proc else (None, None)
         if why_not and cfg.pseudo_images: print(f"Pseudo-label quality is not measured: {why_not}.")
         model = (model or WeCLIP.from_config(cfg, classes=train_ds.classes)).to(device)  # model
-        net = model if world == 1 else nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        net = model if world == 1 else nn.parallel.DistributedDataParallel(   # device_ids=None: DDP leaves the batch where
+            model, device_ids=None, broadcast_buffers=False)   # it is; the model moves the images and keeps labels on the host
         opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.decoder_lr_mult), lr=cfg.lr,   # optimizer
                                 weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
@@ -277,20 +303,22 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         def checkpoint(name):                                                           # every rank, rank 0 writes
             state = _state(it, best, model, opt, sched, cfg, train_ds.classes, device, world)
             if main_proc: save_checkpoint(state, out / name)
-        t0 = time.perf_counter()
+        watch, t0 = LossWatch(device, out, world), time.perf_counter()
         for batch in _loader(train_ds, cfg, it, rank, world, device):
             model.train()                                                               # step
             with amp: losses = net(batch, iteration=it)
-            _check_loss(losses, it, batch, out)
+            watch.add(losses, it, batch)
             opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step(); sched.step(); it += 1
             dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            if it % cfg.log_every == 0 or it == cfg.iters: watch.check(it)
             run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
             if it % cfg.eval_every == 0 or it == cfg.iters:                             # evaluate
+                watch.check(it)
                 score = _evaluate(model, val_ds, sub, cfg, it, device, run) if main_proc else None
                 if _broadcast(main_proc and score > best, world):
                     best = score if main_proc else best; checkpoint('best.pt')
             signum = run.signalled(it)                                                    # checkpoint
-            if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: checkpoint('last.pt')
+            if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: watch.check(it); checkpoint('last.pt')
             if signum: raise Interrupted(signum, it, out / 'last.pt')
             if it == stop_at: break
         return dict(run.last, iteration=it, best_miou=best)
