@@ -83,6 +83,6 @@ def test_step_waits_once_on_cuda():
     box masks. CUDA's own count (set_sync_debug_mode) is printed beside the kit's `DeviceWaits` count."""
     from weclip.bench import stages
     r = stages('ViT-B-16', batch=4, size=320, device='cuda', repeats=2)
-    print(json.dumps({k: r[k] for k in ('syncs_per_step', 'waits_per_step', 'waits')}))
+    print(json.dumps({k: r[k] for k in ('syncs_per_step', 'waits_per_step', 'waits', 'device_ops_per_step', 'seconds')}))
     assert r['waits_per_step'] == 1, r['waits']
     assert r['syncs_per_step'] <= 2, r

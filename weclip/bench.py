@@ -11,6 +11,7 @@ from .backbone import FrozenCLIP, load_clip, TINY_CLIP
 from .prompts import dataset_text_features, text_features, prompt_templates
 from .cam import box_mask, initial_cam
 from .rfm import refine_cam, pseudo_labels, refine_cam_reference, pseudo_labels_reference
+import weclip.rfm as rfm
 from .model import WeCLIP
 from .config import PRESETS, resolve_device
 from .evaluate import msc_flip_logits, dense_crf, to_uint8, crf_available, CRFPool, available_cores
@@ -237,7 +238,7 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
     w = step_waits(model, b, iteration, opt)          # counted the same way on every device
     return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
-                waits_per_step=w.total, waits=dict(w.where), seconds=sec)
+                waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, seconds=sec)
 
 # %% ../nbs/12_bench.ipynb #b7e1a002
 _aten = torch.ops.aten
@@ -268,6 +269,7 @@ class DeviceWaits(TorchDispatchMode):
     def __init__(self, device_tensors=(), host_tensors=()):
         super().__init__()
         self.tag, self.counts, self.where = WeakTensorKeyDictionary(), collections.Counter(), collections.Counter()
+        self.ops = 0                                  # operations on device tensors: on a GPU, about one kernel launch each
         for t in device_tensors: self.tag[t] = 'device'
         for t in host_tensors: self.tag[t] = 'host'
         self._reads = _HostReads(self)
@@ -284,6 +286,7 @@ class DeviceWaits(TorchDispatchMode):
         kwargs = kwargs or {}
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         dev = any(self.on_device(t) for t in ins)
+        self.ops += dev
         to_host = func is _aten._to_copy.default and kwargs.get('device') == torch.device('cpu')
         if dev:
             if func in WAIT_OPS: self.add(WAIT_OPS[func])
@@ -299,12 +302,15 @@ class DeviceWaits(TorchDispatchMode):
         return out
 
 def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> DeviceWaits:
-    "The device waits of one training step of `model` (forward, backward and, with `opt`, the optimizer), on any device."
+    "The device waits (and operations) of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it, on any device."
     tensors = list(model.state_dict(keep_vars=True).values()) + [v for v in vars(model).values() if torch.is_tensor(v)]
     tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
-    with DeviceWaits(tensors, [batch['labels']]) as w:
-        r = model(batch, iteration=iteration); r['total'].backward()
-        if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
+    gathered, rfm.PAR_GATHERED = rfm.PAR_GATHERED, True          # PAR the GPU's way
+    try:
+        with DeviceWaits(tensors, [batch['labels']]) as w:
+            r = model(batch, iteration=iteration); r['total'].backward()
+            if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
+    finally: rfm.PAR_GATHERED = gathered
     return w
 
 # %% ../nbs/12_bench.ipynb #3e7d0afe
