@@ -209,19 +209,28 @@ def par_affinity(image: torch.Tensor,  # (B, 3, H, W) normalised image
                  dilations=PAR_DILATIONS,  # neighbour rings
                  w1: float = 0.3,  # colour and position temperature
                  w2: float = 0.01,  # weight of the position term
+                 idx: torch.Tensor | None = None,  # `_neighbour_index`: gather ring by ring (a GPU); None: views (a CPU)
                 ) -> torch.Tensor:  # a, (B, J, H, W), J = 8 * len(dilations)
     "PAR's weights a_ij: softmax of the colour affinity plus w2 times softmax of the position affinity."
     offs = _offsets(dilations)
     B, nch, H, W = image.shape
     J = len(offs)
     img = image.float()
-    nb = _shifted(img, _reach(offs))
-    mean = sum(nb(dy, dx) for dy, dx, _ in offs) / J                     # (B, 3, H, W) over the neighbours
-    var = sum((nb(dy, dx) - mean) ** 2 for dy, dx, _ in offs) / (J - 1)  # unbiased, like torch.std
-    inv = 1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch)                   # 1 / (w1 sigma)^2, averaged over channels
-    k = img.new_empty(B, J, H, W)
-    for j, (dy, dx, _) in enumerate(offs):
-        torch.sum((nb(dy, dx) - img) ** 2 * inv, 1, out=k[:, j])        # -kappa_rgb for neighbour j
+    if idx is None:
+        nb = _shifted(img, _reach(offs))
+        mean = sum(nb(dy, dx) for dy, dx, _ in offs) / J                     # (B, 3, H, W) over the neighbours
+        var = sum((nb(dy, dx) - mean) ** 2 for dy, dx, _ in offs) / (J - 1)  # unbiased, like torch.std
+        inv = 1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch)                   # 1 / (w1 sigma)^2, averaged over channels
+        k = img.new_empty(B, J, H, W)
+        for j, (dy, dx, _) in enumerate(offs):
+            torch.sum((nb(dy, dx) - img) ** 2 * inv, 1, out=k[:, j])        # -kappa_rgb for neighbour j
+    else:                                                 # the same sums, 8 neighbours (one ring) per kernel
+        f = img.flatten(2)
+        ring = lambda j: f[:, :, idx[j:j + 8].flatten()].view(B, nch, -1, H * W)   # (B, 3, 8, HW)
+        mean = sum(ring(j).sum(2) for j in range(0, J, 8)) / J
+        var = sum(((ring(j) - mean[:, :, None]) ** 2).sum(2) for j in range(0, J, 8)) / (J - 1)
+        inv = (1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch))[:, :, None]
+        k = torch.cat([((ring(j) - f[:, :, None]) ** 2 * inv).sum(1) for j in range(0, J, 8)], 1).view(B, J, H, W)
     dist = torch.tensor([o[2] for o in offs], device=image.device)
     pos = (-(dist / (dist.std() + 1e-8) / w1) ** 2).softmax(0)
     return k.neg_().softmax(1).add_(w2 * pos[None, :, None, None])
@@ -266,10 +275,10 @@ def par(image: torch.Tensor,  # (B, 3, H, W) normalised image
         raise ValueError(f"PAR needs image (B, 3, H, W) and cam (B, K, H, W) of the same batch and size, got "
                          f"{tuple(image.shape)} and {tuple(cam.shape)}. Resize the CAM to the image first.")
     offs = _offsets(dilations)
-    a = par_affinity(image, dilations, w1, w2)
+    idx = _neighbour_index(*cam.shape[-2:], offs, cam.device) if gathered else None
+    a = par_affinity(image, dilations, w1, w2, idx)
     x = cam.float()
     if gathered:                    # a GPU: 4 kernels per ring and step, 480 in all (the banded way: 23,000 operations)
-        idx = _neighbour_index(*x.shape[-2:], offs, x.device)
         for _ in range(n_iter): x = _propagate_gathered(x, a, idx)
         return x
     band = max(1, 2 ** 19 // max(1, x.shape[0] * x.shape[1] * x.shape[-1]))  # ~512k floats (2 MB) per band
