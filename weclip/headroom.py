@@ -105,15 +105,14 @@ def headroom_batch(model: WeCLIP,  # its backbone, text features and RFM setting
     score = lambda M_f: (cam_to_labels(M_f, y, size), pseudo_labels(x, M_f, y))
     refine = lambda A_f, a, static=False: refine_cam(M_init, y, attn, A_f, boxes, iteration=0 if static else None,
         switch_on=model.rfm_start, n_layers=model.rfm_layers, abs_diff=paper, strict=paper, alpha=a)
-    static_Mp = lambda a: (res['static', a] if ('static', a) in res else
-                           score(refine(constant_affinity(B, hw).to(dev), a, static=True)))[1]
+    static = lambda a: res.get(('static', a)) or score(refine(constant_affinity(B, hw).to(dev), a, static=True))  # A_f unused
     if 'none' in methods: res['none', None] = score(M_init)
     for m in sorted((m for m in methods if m != 'none'), key=lambda m: m == 'learnable'):   # static before learnable
         A_f = A[m]() if m in A else None
         for a in alphas:
-            if m == 'static': res[m, a] = score(refine(constant_affinity(B, hw).to(dev), a, static=True))  # A_f unused
+            if m == 'static': res[m, a] = static(a)
             elif m == 'learnable':   # the affinity loss's own targets: a decoder fitting the static pseudo labels exactly
-                res[m, a] = score(refine(oracle_affinity(static_Mp(a), model.backbone.patch_size, model.n_classes), a))
+                res[m, a] = score(refine(oracle_affinity(static(a)[1], model.backbone.patch_size, model.n_classes), a))
             else: res[m, a] = score(refine(A_f, a))
     return res
 

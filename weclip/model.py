@@ -96,7 +96,6 @@ def _forward(self: WeCLIP,
     "One WeCLIP step: losses total/seg/aff (scalars) and P, A_f, M_init, M_f, M_p for inspection."
     dev = self.fg_text.device
     labels = batch['labels']            # kept where the loader put them (the CPU): slots and checks read them without a GPU wait
-    if not torch.is_tensor(labels): raise ValueError(f"batch['labels'] must be a (B, C) tensor, got {type(labels).__name__}.")
     labels = check_labels(labels, len(self.fg_text), len(batch['image']))   # one line for bad labels; bool from here on
     images = batch['image'].to(dev, non_blocking=True)
     valid = batch['valid'].to(dev, non_blocking=True) if 'valid' in batch else None

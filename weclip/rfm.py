@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch, torch.nn.functional as F
+from .cam import label_slots
 from .data import IGNORE  # 255: the value no loss or metric looks at
 
 # %% auto #0
@@ -226,7 +227,7 @@ def par_affinity(image: torch.Tensor,  # (B, 3, H, W) normalised image
             torch.sum((nb(dy, dx) - img) ** 2 * inv, 1, out=k[:, j])        # -kappa_rgb for neighbour j
     else:                                                 # the same sums, 8 neighbours (one ring) per kernel
         f = img.flatten(2)
-        ring = lambda j: f[:, :, idx[j:j + 8].flatten()].view(B, nch, -1, H * W)   # (B, 3, 8, HW)
+        ring = lambda j: _gather_ring(f, idx, j)                                   # (B, 3, 8, HW)
         mean = sum(ring(j).sum(2) for j in range(0, J, 8)) / J
         var = sum(((ring(j) - mean[:, :, None]) ** 2).sum(2) for j in range(0, J, 8)) / (J - 1)
         inv = (1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch))[:, :, None]
@@ -250,13 +251,16 @@ def _neighbour_index(H: int, W: int, offs, device) -> torch.Tensor:
     ys, xs = torch.arange(H, device=device)[:, None], torch.arange(W, device=device)[None, :]
     return torch.stack([((ys + dy).clamp(0, H - 1) * W + (xs + dx).clamp(0, W - 1)).flatten() for dy, dx, _ in offs])
 
+def _gather_ring(xf: torch.Tensor, idx: torch.Tensor, j: int, group: int = 8) -> torch.Tensor:
+    "Neighbours j..j+group-1 of every pixel of xf (B, C, HW) in one gather: (B, C, group, HW)."
+    return xf[:, :, idx[j:j + group].flatten()].view(*xf.shape[:2], -1, xf.shape[-1])
+
 def _propagate_gathered(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, group: int = 8) -> torch.Tensor:
     "One PAR step as a few large kernels: the neighbours of `group` offsets gathered at once, weighted and summed."
     B, K, H, W = x.shape
     xf, af, out = x.flatten(2), a.flatten(2), x.new_zeros(B, K, H * W)
     for j in range(0, idx.shape[0], group):                              # one ring of 8 neighbours at a time
-        g = xf[:, :, idx[j:j + group].flatten()].view(B, K, -1, H * W)    # (B, K, group, HW)
-        out += (g * af[:, None, j:j + group]).sum(2)
+        out += (_gather_ring(xf, idx, j, group) * af[:, None, j:j + group]).sum(2)
     return out.view(B, K, H, W)
 
 PAR_GATHERED: bool | None = None   # None: gathered on a GPU, banded on the CPU; True/False force one way (tests, bench)
@@ -387,11 +391,9 @@ def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the cro
         raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
     if numerics == 'official':
         return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
-    present = labels.bool()                               # slots found where the labels live: on the CPU, no GPU wait
-    K = int(present.sum(1).max())
-    order = torch.sort(present.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
-    slot = present.gather(1, order)                                          # (B, K) real class in this slot?
-    order, slot = order.to(M_f.device, non_blocking=True), slot.to(M_f.device, non_blocking=True)
+    # (B, K) class in each slot, and whether it is a real one; found where the labels live (on the CPU, no GPU wait)
+    order, slot = (t.to(M_f.device, non_blocking=True) for t in label_slots(labels.bool()))
+    K = order.shape[1]
     cams = M_f.float().gather(1, order[:, :, None, None].expand(B, K, h, w)) * slot[:, :, None, None]
     if K: cams = F.interpolate(cams, size=(H, W), mode='bilinear', align_corners=False)
     else: cams = cams.new_zeros(B, 0, H, W)                                 # no image has a foreground label
