@@ -13,7 +13,7 @@ import torch, torch.nn.functional as F
 
 from .toy import make_scene, toy_config
 from .data import normalize, voc_palette, one_line
-from .config import TOY_WORLD, cache_dir
+from .config import TOY_WORLD, cache_dir, toy_world_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import WeCLIP
 from .evaluate import load_model, cam_to_labels, crf_available, crf_labels
@@ -37,7 +37,7 @@ def pretrained_toy(device: str = 'cpu', # auto, cpu, cuda, cuda:N
     "The shipped trained toy WeCLIP in eval mode, its `TrainConfig` and class names (background first)."
     if not TOY_CHECKPOINT.is_file():
         raise PretrainedError(f'no trained toy model at {TOY_CHECKPOINT}: reinstall weclip, or make it with `{REPRODUCE}`.')
-    return load_model(TOY_CHECKPOINT, device=device, data_root=str(cache_dir() / 'toy'))
+    return load_model(TOY_CHECKPOINT, device=device, data_root=str(toy_world_dir()))
 
 def toy_results() -> dict:
     "The shipped run's final report on the 200 toy val scenes: mIoU of the initial CAM, pseudo labels, segmentation, + CRF."
@@ -48,7 +48,7 @@ def toy_metrics() -> list[dict]:
     return [json.loads(l) for l in TOY_METRICS.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/10c_pretrained.ipynb #cfd8d2fd
-EXAMPLES = (0, 5, 14, 21)   # toy val scenes: one to three objects, touching and apart
+EXAMPLES = (1, 5, 16, 10)   # toy val scenes: one or two objects, on bodies and plain, touching and apart
 
 def toy_batch(indices=EXAMPLES, # toy val scene numbers
               norm: str = 'imagenet', # the statistics the model was trained with (`cfg.norm`)

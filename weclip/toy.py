@@ -74,13 +74,14 @@ class ToyConfig:
         if not 0.1 <= self.body_part <= 1: raise ToyError(f'body_part = {self.body_part}: the part is 0.1..1 of the body radius.')
 
 PRESETS = {'easy': ToyConfig(),  # one colour per class, no noise, no clutter
-           'default': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
-                                cooccurrence=0.6)}  # initial-CAM mIoU 0.73 with the shipped tiny CLIP (07b)
-PRESETS['large-parts'] = replace(PRESETS['default'], count_probs=(0.5, 0.5), scale=(0.30, 0.45), textured=1.0, body=0.5,
-                                 body_part=0.65)  # partial CAMs: where RFM has room (07c_headroom)
+           'classic': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
+                                cooccurrence=0.6)}  # whole-object CAMs: little for propagation to fix (07c_headroom)
+PRESETS['large-parts'] = replace(PRESETS['classic'], count_probs=(0.5, 0.5), scale=(0.30, 0.45), textured=1.0, body=0.5,
+                                 body_part=0.65)  # big objects, half of them a class part on a grey body
+PRESETS['default'] = replace(PRESETS['large-parts'], body_tint=0.25)  # partial CAMs: where RFM has room (07c_headroom)
 
 def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
-    "The named preset ('easy', 'default' or 'large-parts'), or the given config, with `changes` applied and checked."
+    "The named preset ('default', 'easy', 'classic' or 'large-parts'), or the given config, with `changes` applied and checked."
     bad = sorted(set(changes) - {f.name for f in fields(ToyConfig)})
     if bad: raise ToyError(f'unknown world field(s) {", ".join(bad)}: use fields of ToyConfig, e.g. body_tint, scale, clutter.')
     if isinstance(preset, ToyConfig): return replace(preset, **changes)

@@ -11,7 +11,7 @@ import numpy as np
 import torch, torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .config import TrainConfig, PRESETS, TOY_WORLD, cache_dir, make_config, parse_config, describe_config, resolve_device
+from .config import TrainConfig, PRESETS, TOY_WORLD, cache_dir, toy_world_dir, make_config, parse_config, describe_config, resolve_device
 from .checkpoint import save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state, RunLock
 from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line
 from .toy import write_toy_dataset
@@ -64,9 +64,9 @@ class RunBatches(torch.utils.data.Sampler):
 # %% ../nbs/11_train.ipynb #8e73f579
 def _toy_world(root: Path):
     "Generate the default toy world at `root` (the cache folder only), atomically: never a half world."
-    default = {Path(PRESETS['toy']['data_root']).expanduser().resolve(), (cache_dir() / 'toy').resolve()}
+    default = {Path(PRESETS['toy']['data_root']).expanduser().resolve(), toy_world_dir().resolve()}
     if root.resolve() not in default:
-        raise ValueError(f"No toy world at {root}: leave --data-root out to use the cached one ({cache_dir() / 'toy'}, "
+        raise ValueError(f"No toy world at {root}: leave --data-root out to use the cached one ({toy_world_dir()}, "
                          f"generated on first use), or write one there first with python -m weclip.toy --out {root}")
     print(f"The toy world is not at {root} yet: generating it (python -m weclip.toy writes it too).")
     tmp = root.with_name(f'.{root.name}.tmp-{os.getpid()}')   # renamed when complete
@@ -329,17 +329,20 @@ REPORT_COLUMNS = {'cam': 'initial CAM', 'pseudo': 'pseudo labels', 'seg': 'segme
 def report(out_dir, # a run's folder: its final model (last.pt) is measured
            max_images: int = 0, # first N val images (0: all)
            device: str | None = None, progress: bool = True) -> dict:
-    "Measure a finished run on its val split: initial-CAM labels, RFM+PAR pseudo labels, segmentation (multi-scale + flip) and + CRF; write OUT/results.json."
+    "Measure a finished run on its val split: initial-CAM labels, static and RFM pseudo labels (+PAR), segmentation (multi-scale + flip) and + CRF; write OUT/results.json."
     out = Path(out_dir)
     ckpt = out / 'last.pt'   # the final model, as the official code evaluates (best.pt was picked on this very split)
     model, cfg, names = load_model(ckpt, device=device)
     val = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, cfg.val_split, transform=EvalTransform(norm=cfg.norm),
                                                    with_masks=True)
     res, t0 = {}, time.perf_counter()
-    for source in ('cam', 'pseudo', 'seg'):
-        ev = evaluate_dataset(model, val, names, source, crf=source == 'seg' and crf_available(), long_side=default_long_side(cfg.dataset),
-                              max_images=max_images, norm=cfg.norm, progress=progress)
-        res.update({REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
+    for source in ('cam', 'static', 'pseudo', 'seg'):   # 'static': the same pseudo labels with RFM off (frozen CLIP only)
+        if source == 'static' and not cfg.rfm: continue    # a --no-rfm run's own pseudo labels are the static ones
+        model.rfm = cfg.rfm and source != 'static'
+        try: ev = evaluate_dataset(model, val, names, 'pseudo' if source == 'static' else source, crf=source == 'seg' and crf_available(),
+                                   long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm, progress=progress)
+        finally: model.rfm = cfg.rfm
+        res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
     if not cfg.rfm: res = {('static pseudo labels' if k == 'pseudo labels' else k): v for k, v in res.items()}
     doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
                supervision=cfg.supervision, rfm=cfg.rfm, miou={k: v['miou'] for k, v in res.items()}, results=res)
