@@ -13,7 +13,7 @@ import torch, torch.nn.functional as F
 
 from .toy import make_scene, toy_config
 from .data import normalize, voc_palette, one_line
-from .config import TOY_WORLD, cache_dir, toy_world_dir
+from .config import TOY_WORLD, toy_world_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import WeCLIP
 from .evaluate import load_model, cam_to_labels, crf_available, crf_labels

@@ -11,7 +11,7 @@ import numpy as np
 import torch, torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .config import TrainConfig, PRESETS, TOY_WORLD, cache_dir, toy_world_dir, make_config, parse_config, describe_config, resolve_device
+from .config import TrainConfig, PRESETS, TOY_WORLD, toy_world_dir, make_config, parse_config, describe_config, resolve_device
 from .checkpoint import save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state, RunLock
 from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line
 from .toy import write_toy_dataset
@@ -336,14 +336,13 @@ def report(out_dir, # a run's folder: its final model (last.pt) is measured
     val = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, cfg.val_split, transform=EvalTransform(norm=cfg.norm),
                                                    with_masks=True)
     res, t0 = {}, time.perf_counter()
-    for source in ('cam', 'static', 'pseudo', 'seg'):   # 'static': the same pseudo labels with RFM off (frozen CLIP only)
-        if source == 'static' and not cfg.rfm: continue    # a --no-rfm run's own pseudo labels are the static ones
+    # 'static': the pseudo labels with RFM off (frozen CLIP only); a --no-rfm run has no other pseudo labels
+    for source in ('cam', 'static') + (('pseudo',) if cfg.rfm else ()) + ('seg',):
         model.rfm = cfg.rfm and source != 'static'
         try: ev = evaluate_dataset(model, val, names, 'pseudo' if source == 'static' else source, crf=source == 'seg' and crf_available(),
                                    long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm, progress=progress)
         finally: model.rfm = cfg.rfm
         res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
-    if not cfg.rfm: res = {('static pseudo labels' if k == 'pseudo labels' else k): v for k, v in res.items()}
     doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
                supervision=cfg.supervision, rfm=cfg.rfm, miou={k: v['miou'] for k, v in res.items()}, results=res)
     (out / 'results.json').write_text(json.dumps(doc, indent=1))
