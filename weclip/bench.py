@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['WAIT_OPS', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'stages', 'DeviceWaits',
-           'step_waits', 'main']
+__all__ = ['WAIT_OPS', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'launch_seconds', 'stages',
+           'DeviceWaits', 'step_waits', 'main']
 
 # %% ../nbs/12_bench.ipynb #ad7ec1f3
 def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> dict:
@@ -126,7 +126,7 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, b = bench_inputs(model_name, batch, size, device=device)
     model.train()
-    opt = torch.optim.AdamW(model.param_groups(2e-4), lr=2e-4)
+    opt = model.optimizer(2e-4)                        # the trainer's: fused on a GPU
     amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda)
     def train_step():
         with amp: loss = model(b, iteration=20000)['total']
@@ -214,13 +214,24 @@ def _timed_step(model: WeCLIP, b: dict, iteration: int, opt, timer: StageTimer) 
         for h in hooks: h.remove()
     return r
 
+def launch_seconds(device: str = 'cpu', n: int = 2000) -> float:
+    "Host seconds to issue one tiny operation on `device` (a kernel launch on a GPU): the cost of a step's every kernel, however small."
+    x = torch.zeros(1, device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(100): x.add_(1)
+    sync(); t = time.perf_counter()
+    for _ in range(n): x.add_(1)
+    sync(); return (time.perf_counter() - t) / n
+
 def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
            iteration: int = 20000) -> dict:
-    "Median seconds per stage of a training step (RFM on at `iteration`), the step, its waits for the device (`DeviceWaits`, any device) and its host-device syncs (CUDA's own count)."
+    """Median seconds per stage of a training step (RFM on at `iteration`) and of the step; its waits for the device and
+    its kernels, per stage, as a GPU runs it (`DeviceWaits`, counted on any device); the launch floor (kernels × the host
+    cost of one launch here); on CUDA, its host-device syncs (CUDA's own count)."""
     cuda = device.startswith('cuda')
     model, b = bench_inputs(model_name, batch, size, device=device)
     model.train()
-    opt = torch.optim.AdamW(model.param_groups(2e-4), lr=2e-4)
+    opt = model.optimizer(2e-4)                        # the trainer's: fused on a GPU
     amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda)
     runs, syncs = [], None
     for i in range(repeats + 1):                       # the first is a warm-up
@@ -236,9 +247,13 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         syncs = sum('synchroniz' in str(x.message) for x in w)
     sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
-    w = step_waits(model, b, iteration, opt)          # counted the same way on every device
+    gpu_opt = model.optimizer(2e-4, fused=True)       # counted as a GPU runs it, on every device: the fused AdamW,
+    model(b, iteration=iteration)['total'].backward(); gpu_opt.step(); gpu_opt.zero_grad(set_to_none=True)  # its state made
+    w = step_waits(model, b, iteration, gpu_opt)
+    launch = launch_seconds(device)
     return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
-                waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, seconds=sec)
+                waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, kernels_per_step=w.kernels,
+                kernels=dict(w.stages), launch_us=1e6 * launch, launch_floor_s=w.kernels * launch, seconds=sec)
 
 # %% ../nbs/12_bench.ipynb #b7e1a002
 _aten = torch.ops.aten
@@ -249,6 +264,15 @@ WAIT_OPS = {  # operations whose result the host needs at once: on a GPU each wa
     _aten.unique_consecutive.default: 'unique (its size)', _aten.repeat_interleave.Tensor: 'repeat_interleave (its size)',
     _aten.bincount.default: 'bincount (its size)'}
 _BOOL_INDEX = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+
+def _is_view(func) -> bool:
+    "A view (or alias) of its input: metadata only, no kernel."
+    r = func._schema.returns
+    return bool(r) and r[0].alias_info is not None and not r[0].alias_info.is_write
+
+def _kit_frame():
+    "The innermost frame of the kit's own code (not this benchmark's) on the stack, or None."
+    return next((f for f in reversed(traceback.extract_stack()) if '/weclip/' in f.filename and 'bench.py' not in f.filename), None)
 
 class _HostReads(TorchFunctionMode):
     "The reads that never reach the dispatcher on a CPU: .tolist(), .numpy(), and .cpu() of a tensor already there."
@@ -269,14 +293,20 @@ class DeviceWaits(TorchDispatchMode):
     def __init__(self, device_tensors=(), host_tensors=()):
         super().__init__()
         self.tag, self.counts, self.where = WeakTensorKeyDictionary(), collections.Counter(), collections.Counter()
-        self.ops = 0                                  # operations on device tensors: on a GPU, about one kernel launch each
+        self.ops = 0                                  # operations on device tensors
+        self.kernels, self.stages = 0, collections.Counter()   # those that compute (not views): a kernel launch each on a GPU
+        self.phase = None                             # set by the caller ('backward', 'optimizer'); else: the weclip module
         for t in device_tensors: self.tag[t] = 'device'
         for t in host_tensors: self.tag[t] = 'host'
         self._reads = _HostReads(self)
     def on_device(self, t) -> bool: return isinstance(t, torch.Tensor) and self.tag.get(t) == 'device'
+    def _stage(self) -> str:
+        if self.phase: return self.phase
+        f = _kit_frame()
+        return f.filename.rsplit('/', 1)[-1][:-3] if f else 'other'
     def add(self, what: str):
         self.counts[what] += 1
-        f = next((f for f in reversed(traceback.extract_stack()) if '/weclip/' in f.filename and 'bench.py' not in f.filename), None)
+        f = _kit_frame()
         self.where[f"{what} at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" if f else what] += 1
     @property
     def total(self) -> int: return sum(self.counts.values())
@@ -287,6 +317,7 @@ class DeviceWaits(TorchDispatchMode):
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         dev = any(self.on_device(t) for t in ins)
         self.ops += dev
+        if dev and not _is_view(func): self.kernels += 1; self.stages[self._stage()] += 1
         to_host = func is _aten._to_copy.default and kwargs.get('device') == torch.device('cpu')
         if dev:
             if func in WAIT_OPS: self.add(WAIT_OPS[func])
@@ -302,13 +333,15 @@ class DeviceWaits(TorchDispatchMode):
         return out
 
 def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> DeviceWaits:
-    "The device waits (and operations) of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it, on any device."
+    "The device waits, operations and kernels of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it (PAR gathered), on any device."
     tensors = list(model.state_dict(keep_vars=True).values()) + [v for v in vars(model).values() if torch.is_tensor(v)]
     tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
     gathered, rfm.PAR_GATHERED = rfm.PAR_GATHERED, True          # PAR the GPU's way
     try:
         with DeviceWaits(tensors, [batch['labels']]) as w:
-            r = model(batch, iteration=iteration); r['total'].backward()
+            r = model(batch, iteration=iteration)
+            w.phase = 'backward'; r['total'].backward()
+            w.phase = 'optimizer'
             if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
     finally: rfm.PAR_GATHERED = gathered
     return w

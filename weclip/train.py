@@ -222,7 +222,9 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
                          "the same --nproc_per_node.")
     try: model.load_trainable_state_dict(state['model'])
     except RuntimeError: raise other from None          # older checkpoints, without their class list
-    opt.load_state_dict(state['optimizer'])
+    kernel = [{k: g.get(k) for k in ('fused', 'foreach')} for g in opt.param_groups]
+    opt.load_state_dict(state['optimizer'])           # it restores the saved groups' settings, the update kernel too:
+    for g, k in zip(opt.param_groups, kernel): g.update(k)   # keep this device's (fused on a GPU, the loop on a CPU)
     sched.load_state_dict(state['scheduler']); set_rng_state(state['rng'][rank], device)
     if rank == 0: print(f"Resuming {path.parent} at iteration {state['iteration']} (best mIoU so far {state['best']:.4f}).")
     return state['iteration'], state['best']
@@ -292,8 +294,7 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         model = (model or WeCLIP.from_config(cfg, classes=train_ds.classes)).to(device)  # model
         net = model if world == 1 else nn.parallel.DistributedDataParallel(   # device_ids=None: DDP leaves the batch where
             model, device_ids=None, broadcast_buffers=False)   # it is; the model moves the images and keeps labels on the host
-        opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.decoder_lr_mult), lr=cfg.lr,   # optimizer
-                                weight_decay=cfg.weight_decay)
+        opt = model.optimizer(cfg.lr, cfg.decoder_lr_mult, cfg.weight_decay)               # optimizer (fused on a GPU)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
                                                                             cfg.warmup_ratio, cfg.poly_power))
         it, best = (_resume(out / 'last.pt', cfg, train_ds.classes, model, opt, sched, rank, world, device)   # resume
