@@ -55,10 +55,27 @@ def test_train_resume_is_exact(voc, tmp_path, amp):
     assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
 
 
+def test_resume_on_gpu_from_cpu(voc, tmp_path):
+    """A run started on the CPU and resumed on the GPU: AdamW's state moves to the fused kernel's device."""
+    first = run('weclip.train', *COMMON, '--data-root', voc, '--device', 'cpu', '--out-dir', str(tmp_path / 'c'),
+                env={'WECLIP_KILL_IN_SAVE': '2'})        # killed writing the second checkpoint: last.pt at iteration 2
+    assert first.returncode != 0
+    assert torch.load(tmp_path / 'c' / 'last.pt', weights_only=True)['iteration'] == 2
+    resumed = run('weclip.train', *COMMON, '--data-root', voc, '--device', 'cuda', '--out-dir', str(tmp_path / 'c'),
+                  '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    state = torch.load(tmp_path / 'c' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 6 and all(g['fused'] for g in state['optimizer']['param_groups'])
+
+
 def test_evaluate_with_crf_and_predict(voc, tmp_path):
     r = run('weclip.train', *COMMON, '--data-root', voc, '--out-dir', str(tmp_path / 'r'))     # --device auto: the GPU
     assert r.returncode == 0, r.stderr[-4000:]
     ck = str(tmp_path / 'r' / 'last.pt')
+    from weclip.evaluate import load_model
+    rng = torch.cuda.get_rng_state()
+    load_model(ck, device='cuda')                         # builds its model from the run's seed ...
+    assert torch.equal(rng, torch.cuda.get_rng_state())   # ... and leaves the caller's CUDA generator as it was
     ev = run('weclip.evaluate', '--checkpoint', ck, '--crf', '--crf-workers', '2', '--device', 'cuda', '--quiet')
     assert ev.returncode == 0 and 'mIoU' in ev.stdout, ev.stderr[-4000:]
     doc = json.loads((tmp_path / 'r' / 'eval-val-seg-crf' / 'results.json').read_text())
@@ -69,6 +86,8 @@ def test_evaluate_with_crf_and_predict(voc, tmp_path):
 
 
 def test_torchrun_nccl(voc, tmp_path):
+    """torchrun with one process per GPU. With one GPU the world has one process and no process group (NCCL cannot put
+    two ranks on one GPU): the launcher and the LOCAL_RANK device are what is tested; with two or more, NCCL too."""
     n = torch.cuda.device_count()
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
                         '-m', 'weclip.train', *COMMON, '--batch-size', '1', '--data-root', voc, '--device', 'cuda',

@@ -274,14 +274,29 @@ def _kit_frame():
     "The innermost frame of the kit's own code (not this benchmark's) on the stack, or None."
     return next((f for f in reversed(traceback.extract_stack()) if '/weclip/' in f.filename and 'bench.py' not in f.filename), None)
 
+def _target(args, kwargs):
+    "The device a `Tensor.to(...)` call names, or None (a dtype only)."
+    for a in (*args[1:], kwargs.get('device')):
+        if isinstance(a, (str, torch.device)): return torch.device(a)
+        if isinstance(a, torch.Tensor): return a.device
+    return None
+
 class _HostReads(TorchFunctionMode):
-    "The reads that never reach the dispatcher on a CPU: .tolist(), .numpy(), and .cpu() of a tensor already there."
+    """What never reaches the dispatcher on a CPU, where the host and the device are one: .tolist(), .numpy() and .cpu()
+    of a device tensor (reads), and a host tensor copied to the device without `non_blocking=True`, or `torch.tensor`
+    made on it (the host waits for the GPU's queue before such a copy)."""
     def __init__(self, waits): super().__init__(); self.w = waits
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = getattr(func, '__name__', '')
         if name in ('tolist', 'numpy', 'cpu') and args and self.w.on_device(args[0]) and (name != 'cpu' or out is args[0]):
             self.w.add(f'.{name}()')
+        elif (name == 'to' and args and isinstance(args[0], torch.Tensor) and not self.w.on_device(args[0])
+              and not kwargs.get('non_blocking') and _target(args, kwargs) == self.w.device):
+            self.w.add('blocking copy to the device')
+        elif name == 'tensor' and kwargs.get('device') is not None and torch.device(kwargs['device']) == self.w.device:
+            self.w.add('torch.tensor made on the device (a blocking copy)')
         return out
 
 class DeviceWaits(TorchDispatchMode):
@@ -297,6 +312,7 @@ class DeviceWaits(TorchDispatchMode):
         self.kernels, self.stages = 0, collections.Counter()   # those that compute (not views): a kernel launch each on a GPU
         self.phase = None                             # set by the caller ('backward', 'optimizer'); else: the weclip module
         for t in device_tensors: self.tag[t] = 'device'
+        self.device = next((t.device for t in device_tensors), None)   # where the device tensors live
         for t in host_tensors: self.tag[t] = 'host'
         self._reads = _HostReads(self)
     def on_device(self, t) -> bool: return isinstance(t, torch.Tensor) and self.tag.get(t) == 'device'
@@ -334,7 +350,7 @@ class DeviceWaits(TorchDispatchMode):
 
 def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> DeviceWaits:
     "The device waits, operations and kernels of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it (PAR gathered), on any device."
-    tensors = list(model.state_dict(keep_vars=True).values()) + [v for v in vars(model).values() if torch.is_tensor(v)]
+    tensors = [*model.parameters(), *model.buffers()]               # the text features too (buffers not saved)
     tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
     gathered, rfm.PAR_GATHERED = rfm.PAR_GATHERED, True          # PAR the GPU's way
     try:
@@ -368,6 +384,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try: a.device = str(resolve_device(a.device))
     except ValueError as e: sys.exit(f'error: {e}')
+    if a.device.startswith('cuda'): torch.cuda.set_device(a.device)   # timers, peak memory and syncs read the current GPU
     a.no_crf = a.no_crf or not crf_available()        # DenseCRF is an optional extra
     if a.worker == 'throughput':
         print(json.dumps(throughput(a.model, a.batch, a.size, a.device, a.repeats, not a.no_crf))); return

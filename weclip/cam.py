@@ -60,8 +60,8 @@ def class_scores(patches: torch.Tensor, # (B, hw, E) final patch embeddings F_v
                        f"{tuple(patches.shape) if torch.is_tensor(patches) else type(patches).__name__}.")
     B, _, E = patches.shape
     check_text(fg_text, E, 'fg_text'); check_text(bg_text, E, 'bg_text')
-    present = check_labels(labels, len(fg_text), B).to(patches.device)
-    f = F.normalize(patches.mean(1), dim=-1)                                          # (B, E)
+    present = check_labels(labels, len(fg_text), B).to(patches.device, non_blocking=True)   # the host does not wait
+    f = F.normalize(patches.float().mean(1), dim=-1)    # (B, E) in fp32, also when autocast gave bf16 patches
     t = F.normalize(torch.cat([fg_text, bg_text]).to(f), dim=-1)                      # (C + n_bg, E)
     logits = logit_scale * f @ t.T                                                    # (B, C + n_bg)
     if variant == 'official':

@@ -135,18 +135,19 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
     M_host = M_init.detach().to('cpu', non_blocking=True, copy=True)   # boxes are found on the CPU, as the official code does: a
     copied = _copy_event(dev)                              # GPU connected-components loop would wait at every pass
     P, F_u = self.decoder(out['tokens'][:self.decoder.n_blocks], out['grid'])   # the GPU runs this while the copy lands
-    A_f = affinity(F_u.float())
-    with torch.no_grad():
-        if copied is not None: copied.synchronize()        # the step's one wait: for M_init, not for the decoder
-        boxes = boxes_fn(M_host, self.box_threshold).to(dev, non_blocking=True)
-        M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
-                        iteration=(None if iteration is None else iteration + 1) if self.rfm else 0, switch_on=self.rfm_start,
-                        n_layers=self.rfm_layers, abs_diff=paper, strict=paper, alpha=self.rfm_power,
-                        numerics=self.numerics)
-        M_p = labels_fn(images.float(), M_f, labels, valid, **({'numerics': 'official'} if self.numerics == 'official' else {}))
-    losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
-                         seg_variant=self.variant, aff_variant=self.variant,
-                         check_values=target is not None)     # M_p is valid by construction: no values read back
+    with torch.autocast(dev.type, enabled=False):          # under a GPU's bf16 autocast only the networks run in bf16:
+        A_f = affinity(F_u.float())                        # A_f, RFM, PAR and the losses stay fp32 (a bf16 sigmoid is 1.0
+        with torch.no_grad():                              # above 5.5; autocast refuses the paper variant's BCE)
+            if copied is not None: copied.synchronize()    # the step's one wait: for M_init, not for the decoder
+            boxes = boxes_fn(M_host, self.box_threshold).to(dev, non_blocking=True)
+            M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
+                            iteration=(None if iteration is None else iteration + 1) if self.rfm else 0,
+                            switch_on=self.rfm_start, n_layers=self.rfm_layers, abs_diff=paper, strict=paper,
+                            alpha=self.rfm_power, numerics=self.numerics)
+            M_p = labels_fn(images.float(), M_f, labels, valid, **({'numerics': 'official'} if self.numerics == 'official' else {}))
+        losses = weclip_loss(P.float(), A_f, M_p if target is None else target, lam=self.aff_weight, radius=self.aff_radius,
+                             seg_variant=self.variant, aff_variant=self.variant,
+                             check_values=target is not None)     # M_p is valid by construction: no values read back
     return dict(losses, P=P, A_f=A_f, M_init=M_init, M_f=M_f, M_p=M_p)
 WeCLIP.supervise = _supervise
 

@@ -232,7 +232,7 @@ def par_affinity(image: torch.Tensor,  # (B, 3, H, W) normalised image
         var = sum(((ring(j) - mean[:, :, None]) ** 2).sum(2) for j in range(0, J, 8)) / (J - 1)
         inv = (1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch))[:, :, None]
         k = torch.cat([((ring(j) - f[:, :, None]) ** 2 * inv).sum(1) for j in range(0, J, 8)], 1).view(B, J, H, W)
-    dist = torch.tensor([o[2] for o in offs], device=image.device)
+    dist = torch.tensor([o[2] for o in offs]).to(image.device, non_blocking=True)   # no wait for the GPU
     pos = (-(dist / (dist.std() + 1e-8) / w1) ** 2).softmax(0)
     return k.neg_().softmax(1).add_(w2 * pos[None, :, None, None])
 

@@ -222,9 +222,9 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
                          "the same --nproc_per_node.")
     try: model.load_trainable_state_dict(state['model'])
     except RuntimeError: raise other from None          # older checkpoints, without their class list
-    kernel = [{k: g.get(k) for k in ('fused', 'foreach')} for g in opt.param_groups]
-    opt.load_state_dict(state['optimizer'])           # it restores the saved groups' settings, the update kernel too:
-    for g, k in zip(opt.param_groups, kernel): g.update(k)   # keep this device's (fused on a GPU, the loop on a CPU)
+    for saved, g in zip(state['optimizer']['param_groups'], opt.param_groups):   # the update kernel is this device's
+        saved.update(fused=g.get('fused'), foreach=g.get('foreach'))   # (fused on a GPU, the loop on a CPU), set before
+    opt.load_state_dict(state['optimizer'])           # loading: it places AdamW's step counts where that kernel needs them
     sched.load_state_dict(state['scheduler']); set_rng_state(state['rng'][rank], device)
     if rank == 0: print(f"Resuming {path.parent} at iteration {state['iteration']} (best mIoU so far {state['best']:.4f}).")
     return state['iteration'], state['best']
