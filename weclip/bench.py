@@ -247,9 +247,10 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         syncs = sum('synchroniz' in str(x.message) for x in w)
     sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
-    gpu_opt = model.optimizer(2e-4, fused=True)       # counted as a GPU runs it, on every device: the fused AdamW,
-    model(b, iteration=iteration)['total'].backward(); gpu_opt.step(); gpu_opt.zero_grad(set_to_none=True)  # its state made
-    w = step_waits(model, b, iteration, gpu_opt)
+    if not opt.defaults['fused']:                      # counted as a GPU runs it, on every device: with the fused AdamW
+        opt = model.optimizer(2e-4, fused=True)        # (on a GPU the timed one), its state made by one step
+        model(b, iteration=iteration)['total'].backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    w = step_waits(model, b, iteration, opt)
     launch = launch_seconds(device)
     return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
                 waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, kernels_per_step=w.kernels,
