@@ -58,3 +58,11 @@ def test_function_level_imports_say_why():
                 if all(n.startswith(OPTIONAL) for n in names) or '#' in lines[node.lineno - 1]: continue
                 bad.append(f'{p.name}:{node.lineno}: {lines[node.lineno - 1].strip()}')
     assert not bad, 'imports inside functions without a reason:\n' + '\n'.join(sorted(set(bad)))
+
+
+def test_readme_is_not_generated():
+    "README.md is written by hand: settings.ini's readme_nb must name no notebook, or nbdev_readme would overwrite it."
+    import configparser
+    cfg = configparser.ConfigParser(); cfg.read(PKG.parent / 'settings.ini')
+    nb = cfg['DEFAULT']['readme_nb']
+    assert nb and not (PKG.parent / 'nbs' / nb).exists(), nb

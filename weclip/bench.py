@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['WAIT_OPS', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'launch_seconds', 'stages',
-           'DeviceWaits', 'step_waits', 'main']
+__all__ = ['WAIT_OPS', 'BUSY_JOB', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'launch_seconds',
+           'stages', 'DeviceWaits', 'step_waits', 'busy_stages', 'main']
 
 # %% ../nbs/12_bench.ipynb #ad7ec1f3
 def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> dict:
@@ -60,10 +60,10 @@ def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> 
 def bench_inputs(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, n_labels: int = 3,
                  device: str = 'cpu', seed: int = 0) -> tuple[WeCLIP, dict]:
     "A WeCLIP model on a random-weight backbone with VOC's text features, and a batch of smooth random images."
+    torch.manual_seed(seed)                             # the random backbone too: the same model in every process
     clip = load_clip(model_name, None, device=device)
     tok = open_clip.get_tokenizer(model_name)
     fg, bg = dataset_text_features(clip, tok, 'voc', device=device)
-    torch.manual_seed(seed)
     model = WeCLIP(FrozenCLIP(clip, model_name), fg, bg).to(device).eval()  # eval: no dropout, so both see one A_f
     g = torch.Generator().manual_seed(seed)
     images = F.interpolate(torch.randn(batch, 3, size // 16, size // 16, generator=g), size=(size, size), mode='bicubic')
@@ -252,7 +252,8 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         model(b, iteration=iteration)['total'].backward(); opt.step(); opt.zero_grad(set_to_none=True)
     w = step_waits(model, b, iteration, opt)
     launch = launch_seconds(device)
-    return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, syncs_per_step=syncs,
+    return dict(model=model_name, batch=batch, size=size, device=device, iteration=iteration, threads=torch.get_num_threads(),
+                syncs_per_step=syncs,
                 waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, kernels_per_step=w.kernels,
                 kernels=dict(w.stages), launch_us=1e6 * launch, launch_floor_s=w.kernels * launch, seconds=sec)
 
@@ -363,11 +364,57 @@ def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> 
     finally: rfm.PAR_GATHERED = gathered
     return w
 
+# %% ../nbs/12_bench.ipynb #fafa6a4c
+BUSY_JOB = """import os, torch
+parent, a = os.getppid(), torch.randn(512, 512)
+while os.getppid() == parent: a = torch.tanh(a @ a)"""   # another job on every core; it ends with its parent
+
+def _thread_env(threads: int | None) -> dict:
+    "This environment with torch's thread count left to its default (None) or set to `threads`."
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
+    if threads: env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+def busy_stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
+                iteration: int = 20000, busy: int = 2, log=None) -> dict:
+    """`stages` in fresh processes, idle and beside `busy` busy processes started here, at torch's default thread count
+    and at one thread. `ratio_idle`/`ratio_busy`: the step at the default count over the better of the two counts;
+    `stage_ratio_busy`: each stage busy at the default count over the same at one thread."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    runs, pids = {}, []
+    for load in (0, busy):
+        jobs = [subprocess.Popen([sys.executable, '-c', BUSY_JOB], env=_thread_env(None)) for _ in range(load)]
+        pids += [j.pid for j in jobs]
+        try:
+            if jobs: time.sleep(3)                                 # the jobs import torch and start multiplying
+            for threads in (None, 1):
+                key = f"{'busy' if load else 'idle'}, {'default threads' if threads is None else '1 thread'}"
+                cmd = [sys.executable, '-m', 'weclip.bench', '--stages', '--model', model_name, '--batch', str(batch),
+                       '--size', str(size), '--device', device, '--repeats', str(repeats), '--iteration', str(iteration)]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads))
+                if r.returncode: raise RuntimeError(f'the stages benchmark ({key}) failed:\n{r.stderr[-2000:]}')
+                out = json.loads(r.stdout)
+                runs[key] = dict(threads=out['threads'], load=round(os.getloadavg()[0], 2), seconds=out['seconds'])
+                log(f"{key} ({out['threads']}): step {out['seconds']['step']:.2f} s, PAR "
+                    f"{out['seconds']['PAR + pseudo labels']:.2f} s, load {runs[key]['load']}")
+        finally:
+            for j in jobs: j.kill(); j.wait()
+    step = lambda k: runs[k]['seconds']['step']
+    ratio = lambda w: step(f'{w}, default threads') / min(step(f'{w}, default threads'), step(f'{w}, 1 thread'))
+    d, o = runs['busy, default threads']['seconds'], runs['busy, 1 thread']['seconds']
+    return dict(model=model_name, batch=batch, size=size, device=device, busy=busy, cores=os.cpu_count(), busy_pids=pids,
+                runs=runs, ratio_idle=ratio('idle'), ratio_busy=ratio('busy'),
+                stage_ratio_busy={k: d[k] / o[k] if o[k] > 0 else float('nan') for k in d})
+
 # %% ../nbs/12_bench.ipynb #3e7d0afe
 def main(argv=None):
     "Command line of `python -m weclip.bench`."
-    ap = argparse.ArgumentParser(prog='python -m weclip.bench', description=__doc__ or 'weclip benchmarks',
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog='python -m weclip.bench', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Benchmarks of a WeCLIP training step on random weights, printed as JSON. Without a mode: training, '
+        'inference and data-loading throughput of --model and of the toy preset. --compare: our step against the '
+        'official way of computing it (time, memory, same pseudo labels). --stages: seconds per stage, waits for the '
+        'device and kernels per step. --busy N: the step idle and beside N busy processes, at the default thread count '
+        'and at one thread, with the ratios.')
     ap.add_argument('--compare', action='store_true', help='time our training step against the official-way reference '
                     '(without it: training/inference/data-loading throughput of --model, and of the toy preset)')
     ap.add_argument('--model', default='ViT-B-16', help="open_clip model name (random weights; 'weclip-tiny' for the toy CLIP)")
@@ -379,6 +426,9 @@ def main(argv=None):
     ap.add_argument('--stages', action='store_true', help='seconds per stage of a training step of --model (CUDA events '
                     'on a GPU), the waits for the device per step (counted on any device) and, on CUDA, its own count of '
                     'host-device synchronisations')
+    ap.add_argument('--busy', type=int, metavar='N', help='time the step stage by stage (fresh processes) on the idle '
+                    'machine and beside N busy processes started here, each at the default thread count and at one '
+                    'thread; print the seconds and the ratios default / best (progress on stderr)')
     ap.add_argument('--no-toy', action='store_true', help="throughput: skip the toy preset (tiny CLIP at the toy preset's batch and crop)")
     ap.add_argument('--no-crf', action='store_true', help='throughput: skip DenseCRF')
     ap.add_argument('--worker', choices=['ours', 'reference', 'throughput'], help=argparse.SUPPRESS)
@@ -391,6 +441,9 @@ def main(argv=None):
         print(json.dumps(throughput(a.model, a.batch, a.size, a.device, a.repeats, not a.no_crf))); return
     if a.worker:
         print(json.dumps(_time_one(a.worker, a.model, a.batch, a.size, a.device, a.repeats, a.iteration))); return
+    if a.busy is not None:
+        if a.busy < 1: sys.exit(f'error: --busy {a.busy}: give the number of busy processes to start, 1 or more (e.g. --busy 2)')
+        print(json.dumps(busy_stages(a.model, a.batch, a.size, a.device, a.repeats, a.iteration, a.busy), indent=1)); return
     if a.stages:
         print(json.dumps(stages(a.model, a.batch, a.size, a.device, a.repeats, a.iteration), indent=1)); return
     if a.compare:

@@ -51,7 +51,7 @@ def iou_table(results: dict, # column title -> `seg_metrics` output
     "Per-class IoU table (percent) with one column per result, then mIoU, official mIoU and pixel accuracy."
     cols = list(results)
     names = list(next(iter(results.values()))['iou'])
-    w = max(12, *(len(n) for n in names)); cw = max(8, *(len(c) + 1 for c in cols))
+    w = max(12, *(len(n) for n in names)); cw = max(8, *(len(c) + 3 for c in cols))   # 3 spaces between titles
     fmt = lambda v: f"{'-' if v is None else f'{100 * v:.1f}':>{cw}}"
     lines = [f"{'class':<{w}}" + ''.join(f'{c:>{cw}}' for c in cols)]
     lines += [f'{n:<{w}}' + ''.join(fmt(results[c]['iou'][n]) for c in cols) for n in names]

@@ -4,16 +4,17 @@
 
 # %% ../nbs/04_rfm.ipynb #5761529d
 from __future__ import annotations
-import math
+import math, os, threading
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch, torch.nn.functional as F
 from .cam import label_slots
 from .data import IGNORE  # 255: the value no loss or metric looks at
 
 # %% auto #0
-__all__ = ['SWITCH_ON', 'SWITCH_ON_EFFECTIVE', 'PAR_DILATIONS', 'PAR_GATHERED', 'layer_difference', 'layer_filter',
+__all__ = ['SWITCH_ON', 'SWITCH_ON_EFFECTIVE', 'PAR_DILATIONS', 'PAR_GATHERED', 'PAR_THREADS', 'layer_difference', 'layer_filter',
            'refining_map', 'warmup_map', 'sinkhorn', 'transition', 'refine_cam', 'refine_cam_reference', 'par_affinity',
-           'par', 'par_reference', 'par_official', 'pseudo_labels', 'pseudo_labels_reference']
+           'image_threads', 'par', 'par_reference', 'par_official', 'pseudo_labels', 'pseudo_labels_reference']
 
 # %% ../nbs/04_rfm.ipynb #125705ba
 SWITCH_ON = 15_000           # official: RFM replaces the plain attention mean after this many steps
@@ -264,6 +265,36 @@ def _propagate_gathered(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, gro
     return out.view(B, K, H, W)
 
 PAR_GATHERED: bool | None = None   # None: gathered on a GPU, banded on the CPU; True/False force one way (tests, bench)
+PAR_THREADS: int | None = None     # CPU: images split over this many threads (None: torch.get_num_threads(); 1: no split)
+
+def _one_intraop_thread():
+    "Initialiser of an image thread: its torch operations run on one intra-op thread (torch's per-thread setup made now)."
+    torch.set_num_threads(1); torch.get_num_threads()
+
+_POOLS, _POOLS_LOCK = {}, threading.Lock()
+
+def image_threads(n: int) -> ThreadPoolExecutor:
+    """n threads whose torch operations each run on one intra-op thread, made once per process. The calling thread's
+    count (`torch.get_num_threads()`) is left as it was."""
+    with _POOLS_LOCK:
+        key = (os.getpid(), n)                               # a forked child makes its own
+        if key not in _POOLS:
+            before, ready = torch.get_num_threads(), threading.Barrier(n)
+            pool = ThreadPoolExecutor(n, thread_name_prefix='weclip-par', initializer=_one_intraop_thread)
+            list(pool.map(lambda _: ready.wait(), range(n)))   # all n started, each set to one intra-op thread
+            torch.set_num_threads(before)                      # (torch.set_num_threads also sets what new threads start with)
+            _POOLS[key] = pool
+        return _POOLS[key]
+
+@torch.no_grad()
+def _par_banded(image, cam, n_iter, dilations, w1, w2):
+    "PAR the CPU's way on one thread's share of the batch: slices of a padded tensor, propagated band of rows by band."
+    offs = _offsets(dilations)
+    a = par_affinity(image, dilations, w1, w2)
+    x = cam.float()
+    band = max(1, 2 ** 19 // max(1, x.shape[0] * x.shape[1] * x.shape[-1]))  # ~512k floats (2 MB) per band
+    for _ in range(n_iter): x = _propagate(x, a, offs, band)
+    return x
 
 @torch.no_grad()
 def par(image: torch.Tensor,  # (B, 3, H, W) normalised image
@@ -278,15 +309,15 @@ def par(image: torch.Tensor,  # (B, 3, H, W) normalised image
     if image.ndim != 4 or cam.ndim != 4 or image.shape[0] != cam.shape[0] or image.shape[-2:] != cam.shape[-2:]:
         raise ValueError(f"PAR needs image (B, 3, H, W) and cam (B, K, H, W) of the same batch and size, got "
                          f"{tuple(image.shape)} and {tuple(cam.shape)}. Resize the CAM to the image first.")
-    offs = _offsets(dilations)
-    idx = _neighbour_index(*cam.shape[-2:], offs, cam.device) if gathered else None
+    if not gathered:                # a CPU: the batch's images split over threads, each on one intra-op thread
+        n = min(image.shape[0], PAR_THREADS or torch.get_num_threads())
+        if n < 2: return _par_banded(image, cam, n_iter, dilations, w1, w2)
+        parts = zip(image.tensor_split(n), cam.tensor_split(n))
+        return torch.cat(list(image_threads(n).map(lambda p: _par_banded(*p, n_iter, dilations, w1, w2), parts)))
+    idx = _neighbour_index(*cam.shape[-2:], _offsets(dilations), cam.device)
     a = par_affinity(image, dilations, w1, w2, idx)
     x = cam.float()
-    if gathered:                    # a GPU: 4 kernels per ring and step, 480 in all (the banded way: 23,000 operations)
-        for _ in range(n_iter): x = _propagate_gathered(x, a, idx)
-        return x
-    band = max(1, 2 ** 19 // max(1, x.shape[0] * x.shape[1] * x.shape[-1]))  # ~512k floats (2 MB) per band
-    for _ in range(n_iter): x = _propagate(x, a, offs, band)
+    for _ in range(n_iter): x = _propagate_gathered(x, a, idx)   # a GPU: 4 kernels per ring and step, 480 in all
     return x
 
 # %% ../nbs/04_rfm.ipynb #e20f2edb
