@@ -203,13 +203,6 @@ def gather(args):
     "Everything OUT will hold, checked: (pictures {name: Path}, labels {name: [idx]}, classes, masks {name: array}, report)."
     src = args.src
     if not src.is_dir(): raise PrepareError(f'{src} is not a folder. Fix: pass the folder that holds your pictures.')
-    src_r, out_r = src.resolve(), args.out.resolve()
-    if inside(out_r, src_r):
-        raise PrepareError(f'OUT {args.out} is {"SRC itself" if out_r == src_r else "inside SRC " + str(src)}: the '
-                           'prepared copy would be read as more pictures next time. Fix: choose an OUT outside SRC.')
-    if inside(src_r, out_r):
-        raise PrepareError(f'SRC {src} is inside OUT {args.out}: replacing OUT would delete your pictures. Fix: choose '
-                           'another OUT.')
     masks_dir = args.masks if args.masks is not None else (src / 'masks' if (src / 'masks').is_dir() else None)
     if masks_dir is not None and not masks_dir.is_dir():
         raise PrepareError(f'--masks {masks_dir} is not a folder. Fix: pass the folder of mask PNGs.')
@@ -355,7 +348,15 @@ def link(src: Path, dst: Path, copy: bool) -> str:
 def prepare(args) -> int:
     if not 0 <= args.val_fraction < 1:
         raise PrepareError(f'--val-fraction {args.val_fraction} is out of range. Fix: give a share in [0, 1), e.g. 0.1.')
-    out = args.out
+    out, src = args.out, args.src
+    if not src.is_dir(): raise PrepareError(f'{src} is not a folder. Fix: pass the folder that holds your pictures.')
+    src_r, out_r = src.resolve(), out.resolve()
+    if inside(out_r, src_r):
+        raise PrepareError(f'OUT {out} is {"SRC itself" if out_r == src_r else "inside SRC " + str(src)}: the '
+                           'prepared copy would be read as more pictures next time. Fix: choose an OUT outside SRC.')
+    if inside(src_r, out_r):
+        raise PrepareError(f'SRC {src} is inside OUT {out}: replacing OUT would delete your pictures. Fix: choose '
+                           'another OUT.')
     stamp = out / STAMP
     if out.exists() and not out.is_dir(): raise PrepareError(f'OUT {out} is a file. Fix: choose a folder name.')
     if out.exists() and any(out.iterdir()):

@@ -180,8 +180,10 @@ CUSTOM_HELP = ('Your own pictures: prepare them with data_scripts/prepare_folder
                'pipeline with the shipped tiny CLIP: --model weclip-tiny --weights toy --crop-size 96.')
 
 def preset_of(data_root: str | None) -> str:
-    "The preset a command line without `--preset` means: custom for a folder prepared by prepare_folder.py, else toy."
-    return 'custom' if data_root and (Path(data_root).expanduser() / FOLDER_STAMP).is_file() else 'toy'
+    "The preset a command line without `--preset` means: custom for a folder prepared by prepare_folder.py (or a folder of pictures yet to be prepared), else toy."
+    root = Path(data_root).expanduser() if data_root else None
+    if root is None or not root.is_dir(): return 'toy'
+    return 'custom' if (root / FOLDER_STAMP).is_file() or not (root / 'ImageSets').is_dir() else 'toy'
 
 # %% ../nbs/09_config.ipynb #069c8e5d
 def _field_notes() -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics, time
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
-from .backbone import FrozenCLIP
+from .backbone import FrozenCLIP, BackboneError
 from pathlib import Path
 from .prompts import class_names, background_names, prompt_templates, text_features
 from .prompts import custom_prompts, prompt_features, read_prompt_file
@@ -82,7 +82,11 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
     device = resolve_device(cfg.device)              # 'auto' or 'cuda' -> an indexed torch.device
     numerics = getattr(cfg, 'numerics', 'clean')
-    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device, numerics=numerics)
+    try: backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device, numerics=numerics)
+    except BackboneError as e:   # your own pictures without CLIP's weights: the way to try the pipeline all the same
+        if cfg.dataset != 'custom': raise
+        raise BackboneError(f"{e} To try the pipeline on a CPU without them: --model weclip-tiny --weights toy "
+                            "--crop-size 96 (the shipped tiny CLIP knows only the toy world's shapes).") from None
     tok = open_clip.get_tokenizer(cfg.model)
     if cfg.dataset in ('voc', 'coco'):
         fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
