@@ -57,6 +57,10 @@ def parse_args(argv=None):
                    'split when no masks are given (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0, help='seed of the train/val split (default: %(default)s)')
     p.add_argument('--copy', action='store_true', help='copy the pictures instead of linking them')
+    p.add_argument('--max-side', type=int, default=0, help='write pictures whose long side exceeds this many pixels '
+                   'downscaled (their masks too) instead of linking them (default: 0, keep every picture as it is). '
+                   'Training crops 320 pixels after a 0.5-2x rescale, as for VOC\'s ~500-pixel pictures: for larger '
+                   'photos 512 keeps the tagged objects inside the crops')
     p.add_argument('--force', action='store_true', help='replace OUT when it is an earlier prepared folder')
     return p.parse_args(argv)
 
@@ -298,7 +302,7 @@ def gather(args):
                 raise PrepareError(f'mask {mp} is {m.shape[1]}x{m.shape[0]} pixels, its picture {pictures[rel]} is '
                                    f'{sizes[rel][1]}x{sizes[rel][0]}. Fix: draw the mask at the picture\'s size.')
             masks[rel] = m
-    return dict(pictures=pictures, labels=labels, names=names, classes=classes, masks=masks, layout=layout,
+    return dict(pictures=pictures, labels=labels, names=names, classes=classes, masks=masks, layout=layout, sizes=sizes,
                 tag_file=tag_file, masks_dir=masks_dir, untagged=untagged, missing=missing, variants=variants,
                 empty_tags=empty_tags, unreadable=unreadable, stray_masks=stray_masks, bg_tag=bg_tag)
 
@@ -345,7 +349,20 @@ def link(src: Path, dst: Path, copy: bool) -> str:
     shutil.copy2(src, dst); return 'copy'
 
 
+def downscale(src: Path, dst: Path, max_side: int):
+    "Write the picture `src` at `dst` with its long side `max_side` (antialiased; JPEG quality 95), pixels as stored."
+    from PIL import Image
+    with Image.open(src) as im:
+        w, h = im.size; r = max_side / max(w, h)
+        im = im if im.mode in ('RGB', 'L') else im.convert('RGBA' if 'A' in im.mode or 'transparency' in im.info else 'RGB')
+        im = im.resize((max(1, round(w * r)), max(1, round(h * r))), Image.LANCZOS)
+        if dst.suffix in ('.jpg', '.jpeg'): im.convert('RGB').save(dst, quality=95)
+        else: im.save(dst)
+
+
 def prepare(args) -> int:
+    if args.max_side and args.max_side < 16:
+        raise PrepareError(f'--max-side {args.max_side} is too small. Fix: give at least 16 pixels (512 suits most photos), or 0 to keep the pictures.')
     if not 0 <= args.val_fraction < 1:
         raise PrepareError(f'--val-fraction {args.val_fraction} is out of range. Fix: give a share in [0, 1), e.g. 0.1.')
     out, src = args.out, args.src
@@ -396,6 +413,11 @@ def prepare(args) -> int:
              f'{examples(found["unreadable"])}.')
     if found['stray_masks']:
         note(f'{len(found["stray_masks"])} mask(s) match no tagged picture, unused: {examples(found["stray_masks"])}.')
+    large = [r for r, hw in found['sizes'].items() if r in names and max(hw) > 1024]
+    if large and not args.max_side:
+        note(f'{len(large)} picture(s) are over 1024 pixels on the long side (e.g. {examples(large, 2)}): training '
+             'crops 320 pixels out of them after a 0.5-2x rescale, so most crops miss the tagged objects. Fix: '
+             '--max-side 512 writes them downscaled (the others stay links).')
     train_labels = [labels[by_name[n]] for n in train]
     everywhere = [classes[c] for c in range(len(classes)) if all(c in l for l in train_labels)]
     if everywhere:
@@ -404,6 +426,7 @@ def prepare(args) -> int:
              f"'{found['bg_tag'] or 'background'}') or pictures of other classes.")
 
     # write beside OUT, then rename
+    import numpy as np
     from weclip.data import write_label_file, write_mask
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
@@ -412,9 +435,17 @@ def prepare(args) -> int:
         (tmp / 'JPEGImages').mkdir(parents=True)
         sets = tmp / 'ImageSets' / 'Segmentation'; sets.mkdir(parents=True)
         how = Counter()
+        big = {rel for rel, hw in found['sizes'].items() if args.max_side and max(hw) > args.max_side}
         for rel, n in sorted(names.items()):
-            how[link(found['pictures'][rel], tmp / 'JPEGImages' / (n + found['pictures'][rel].suffix.lower()), args.copy)] += 1
-        for rel, m in masks.items(): write_mask(tmp / 'SegmentationClass' / f'{names[rel]}.png', m)
+            dst = tmp / 'JPEGImages' / (n + found['pictures'][rel].suffix.lower())
+            if rel in big: downscale(found['pictures'][rel], dst, args.max_side); how['downscaled copy'] += 1
+            else: how[link(found['pictures'][rel], dst, args.copy)] += 1
+        from PIL import Image
+        for rel, m in masks.items():
+            if rel in big:                                                   # the mask follows its picture
+                h, w = found['sizes'][rel]; r = args.max_side / max(h, w)
+                m = np.asarray(Image.fromarray(m).resize((max(1, round(w * r)), max(1, round(h * r))), Image.NEAREST))
+            write_mask(tmp / 'SegmentationClass' / f'{names[rel]}.png', m)
         for split_name, ns in (('train', train), ('val', val)):
             (sets / f'{split_name}.txt').write_text(''.join(f'{n}\n' for n in ns))
         write_label_file(sets / 'cls_labels.json', classes, {names[r]: l for r, l in labels.items()})

@@ -198,3 +198,21 @@ def test_train_refuses_a_prompt_too_long(tmp_path, capsys):
     assert r.stderr.strip().count('\n') == 0 and 'tokens long' in r.stderr and 'at most 32' in r.stderr
     assert 'prompt file' in r.stderr
     assert not (tmp_path / 'run').exists()
+
+
+def test_large_pictures_noted_then_downscaled_with_their_masks(tmp_path, capsys):
+    src = tagged(tmp_path, {'small.jpg': 'dent', 'p1.jpg': 'rust', 'p2.jpg': 'dent;rust'})
+    picture(src / 'big.png', size=(1200, 600), fmt='PNG')
+    (src / 'tags.csv').write_text((src / 'tags.csv').read_text() + 'big.png,dent\n')
+    m = np.zeros((600, 1200), np.uint8); m[100:300, 200:600] = 1
+    Image.fromarray(m).save(picture(src / 'masks' / 'big.png'))
+    rc, out, err = run([src, tmp_path / 'out'], capsys)
+    assert rc == 0 and 'over 1024 pixels' in err and '--max-side 512' in err
+    rc, out, err = run([src, tmp_path / 'out2', '--max-side', '512'], capsys)
+    assert rc == 0 and 'over 1024' not in err and 'downscaled copy (1)' in out
+    val = VOC(tmp_path / 'out2', 'val')
+    s = val[0]
+    assert s['image'].shape == (3, 256, 512) and s['mask'].shape == (256, 512)
+    assert abs(int((s['mask'] == 1).sum()) - 200 * 400 * (512 / 1200) ** 2) < 300      # the box, scaled with its picture
+    assert (tmp_path / 'out2/JPEGImages/small.jpg').stat().st_ino == (src / 'small.jpg').stat().st_ino   # the others: links
+    assert run([src, tmp_path / 'out3', '--max-side', '8'], capsys)[0] == 1
