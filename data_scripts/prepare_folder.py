@@ -140,7 +140,8 @@ def read_tag_file(path: Path) -> list:
                                '"labels": "tag;tag"}]. Fix: write it in one of those forms.')
         return rows
     lines = list(csv.reader(text.splitlines()))
-    lines = [(i + 1, r) for i, r in enumerate(lines) if any(c.strip() for c in r)]
+    lines = [(i + 1, r[0].split(';', 1) if len(r) == 1 and ';' in r[0] else r)   # ';' between the columns (a
+             for i, r in enumerate(lines) if any(c.strip() for c in r)]       # spreadsheet's CSV in some locales)
     if not lines: raise PrepareError(f'the tag file {path} is empty. Fix: write one image,labels row per picture.')
     head = [c.strip().lower() for c in lines[0][1]]
     if head and head[0] in ('image', 'file', 'filename', 'file_name', 'path', 'name', 'picture'): lines = lines[1:]

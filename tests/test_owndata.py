@@ -216,3 +216,18 @@ def test_large_pictures_noted_then_downscaled_with_their_masks(tmp_path, capsys)
     assert abs(int((s['mask'] == 1).sum()) - 200 * 400 * (512 / 1200) ** 2) < 300      # the box, scaled with its picture
     assert (tmp_path / 'out2/JPEGImages/small.jpg').stat().st_ino == (src / 'small.jpg').stat().st_ino   # the others: links
     assert run([src, tmp_path / 'out3', '--max-side', '8'], capsys)[0] == 1
+
+
+def test_semicolon_csv_and_no_val_pictures(tmp_path, capsys):
+    src = tmp_path / 'src'
+    for i in range(4): picture(src / f'p{i}.jpg')
+    (src / 'tags.csv').write_text('image;labels\np0.jpg;dent;rust\np1.jpg;rust\np2.jpg;dent\np3.jpg;rust\n')
+    rc, out, err = run([src, tmp_path / 'out', '--val-fraction', '0'], capsys)
+    assert rc == 0, err
+    classes, table = read_label_file(tmp_path / 'out/ImageSets/Segmentation/cls_labels.json')
+    assert classes == ['dent', 'rust'] and table['p0'].tolist() == [1, 1] and len(table) == 4
+    from weclip.config import make_config
+    from weclip.owndata import custom_datasets
+    train, val = custom_datasets(make_config('custom', data_root=str(tmp_path / 'out')))
+    assert len(train) == 4 and val.names == train.names and not val.with_masks    # the gallery shows training pictures
+    assert 'no val pictures' in capsys.readouterr().out
