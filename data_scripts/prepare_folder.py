@@ -466,12 +466,12 @@ def prepare(args) -> int:
 
     # the report
     tr, va = Counter(c for n in train for c in labels[by_name[n]]), Counter(c for n in val for c in labels[by_name[n]])
-    w = max(len(c) for c in classes)
+    w = max(max(len(c) for c in classes), len('(background only)') - 4)
     log(f'{args.src} ({found["layout"]}) -> {out}')
     log(f'{len(classes)} classes, pictures per class (train / val):')
     for i, c in enumerate(classes): log(f'  {i + 1:3d} {c:<{w}}  {tr[i]:6d} / {va[i]}')
     bg_train = sum(not labels[by_name[n]] for n in train); bg_val = sum(not labels[by_name[n]] for n in val)
-    if bg_train or bg_val: log(f'      {"(background only)":<{w}}  {bg_train:6d} / {bg_val}')
+    if bg_train or bg_val: log(f'  {"(background only)":<{w + 4}}  {bg_train:6d} / {bg_val}')
     log(f'split (seed {args.seed}): {len(train)} train, {len(val)} val' +
         (f' = the {len(masks)} pictures with masks (mIoU is measured on them)' if masks else
          f' ({args.val_fraction:g} of the pictures; no masks: training shows a gallery instead of an mIoU)'))

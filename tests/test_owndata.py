@@ -231,3 +231,22 @@ def test_semicolon_csv_and_no_val_pictures(tmp_path, capsys):
     train, val = custom_datasets(make_config('custom', data_root=str(tmp_path / 'out')))
     assert len(train) == 4 and val.names == train.names and not val.with_masks    # the gallery shows training pictures
     assert 'no val pictures' in capsys.readouterr().out
+
+
+def test_train_evaluate_predict_on_a_folder_without_masks(tmp_path, capsys):
+    "The commands a user runs after preparing: train (gallery, no best.pt), evaluate (one line: no masks), predict (own names)."
+    src = tagged(tmp_path, {f'p{i}.jpg': ['dent', 'rust', 'dent;rust'][i % 3] for i in range(10)})
+    assert run([src, tmp_path / 'out'], capsys)[0] == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    def cli(*args):
+        return subprocess.run([sys.executable, '-m', *map(str, args)], capture_output=True, text=True, timeout=300,
+                              env=env, cwd=tmp_path)
+    r = cli('weclip.train', '--data-root', tmp_path / 'out', '--model', 'weclip-tiny', '--weights', 'none', '--crop-size', '32',
+            '--iters', '2', '--batch-size', '2', '--num-workers', '0', '--out-dir', tmp_path / 'run')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"gallery (initial CAM, pseudo labels, prediction) of val pictures in {tmp_path / 'run/gallery/iter_000002.png'}" in r.stdout
+    assert (tmp_path / 'run/gallery/iter_000002.png').is_file() and not (tmp_path / 'run/best.pt').exists()
+    r = cli('weclip.evaluate', '--checkpoint', tmp_path / 'run/last.pt')
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'has no masks' in r.stderr and 'gallery' in r.stderr
+    r = cli('weclip.predict', '--checkpoint', tmp_path / 'run/last.pt', src / 'p1.jpg', '--out', tmp_path / 'pred', '--quiet')
+    assert r.returncode == 0 and 'knows 2 classes and background: dent, rust.' in r.stdout, r.stderr[-2000:]
