@@ -340,6 +340,19 @@ def read_prompt_lines(path: Path, classes: list) -> str:
     return text
 
 
+def prompts_over(classes: list, prompts_text, limit: int) -> list:
+    "The prompts training would give CLIP (the official template, or the prompt file's) longer than `limit` tokens."
+    import open_clip
+    from weclip.prompts import TEMPLATES_OFFICIAL, count_tokens
+    own = {}
+    for line in (prompts_text or '').splitlines():
+        name, sep, words = line.partition(':')
+        if sep and not line.lstrip().startswith('#'): own.setdefault(canonical(name), []).extend(w.strip() for w in words.split(';') if w.strip())
+    tok = open_clip.get_tokenizer('ViT-B-16')
+    prompts = [p for c in classes for p in own.get(c) or [t.format(c.replace('_', ' ')) for t in TEMPLATES_OFFICIAL]]
+    return [p for p in prompts if count_tokens(tok, p) > limit]
+
+
 def link(src: Path, dst: Path, copy: bool) -> str:
     "Put `src` at `dst`: a hard link, else a symbolic link, else a copy; which one it was."
     if not copy:
@@ -414,6 +427,11 @@ def prepare(args) -> int:
              f'{examples(found["unreadable"])}.')
     if found['stray_masks']:
         note(f'{len(found["stray_masks"])} mask(s) match no tagged picture, unused: {examples(found["stray_masks"])}.')
+    too_long = prompts_over(classes, prompts_text, 77)
+    if too_long:
+        note(f'{len(too_long)} prompt(s) are longer than the 77 tokens ViT-B/16 reads (e.g. {too_long[0]!r}): training '
+             'will refuse them. Fix: shorten those class names (--classes, or the tags), or give those classes short '
+             'prompts in a --prompts file.')
     large = [r for r, hw in found['sizes'].items() if r in names and max(hw) > 1024]
     if large and not args.max_side:
         note(f'{len(large)} picture(s) are over 1024 pixels on the long side (e.g. {examples(large, 2)}): training '

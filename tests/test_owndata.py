@@ -189,7 +189,11 @@ def test_train_refuses_a_prompt_too_long(tmp_path, capsys):
     "A class name longer than the CLIP's context: the trainer says which prompt, in one line, before any training."
     long = ' '.join(['defect'] * 40)
     src = tagged(tmp_path, {f'p{i}.jpg': long if i % 2 else 'rust' for i in range(6)})
-    assert run([src, tmp_path / 'out'], capsys)[0] == 0
+    rc, out, err = run([src, tmp_path / 'out'], capsys)
+    assert rc == 0 and '77 tokens' not in err                               # fits ViT-B/16's 77, not the tiny CLIP's 32
+    much_longer = tagged(tmp_path / 'b', {'a.jpg': ' '.join(['defect'] * 80), 'b.jpg': 'rust'})
+    rc, out, err = run([much_longer, tmp_path / 'out_b'], capsys)
+    assert rc == 0 and 'longer than the 77 tokens ViT-B/16 reads' in err     # said at once, before any training
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'weclip.train', '--data-root', str(tmp_path / 'out'), '--model', 'weclip-tiny',
                         '--weights', 'toy', '--out-dir', str(tmp_path / 'run'), '--num-workers', '0'],
