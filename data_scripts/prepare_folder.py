@@ -309,7 +309,7 @@ def gather(args):
 
 
 def split(found, val_fraction: float, seed: int):
-    "Train and val names: the pictures with masks are val; without masks a seeded `val_fraction` of them."
+    "Train and val names: the pictures with masks are val; without masks a seeded `val_fraction` of them, each class in it where the share allows."
     names = found['names']
     if found['masks']:
         val = sorted(names[r] for r in found['masks'])
@@ -318,7 +318,13 @@ def split(found, val_fraction: float, seed: int):
         random.Random(seed).shuffle(order)
         k = round(len(order) * val_fraction)
         if val_fraction > 0 and len(order) > 1: k = min(max(k, 1), len(order) - 1)
-        val = sorted(order[:k])
+        labels = {names[r]: l for r, l in found['labels'].items()}
+        count = Counter(c for l in labels.values() for c in l)
+        chosen = []                       # first one picture of each class that has two (rarest first), then the rest
+        for c in sorted(count, key=lambda c: (count[c], c)):
+            if len(chosen) < k and count[c] > 1 and not any(c in labels[n] for n in chosen):
+                chosen.append(next(n for n in order if c in labels[n] and n not in chosen))
+        val = sorted(chosen + [n for n in order if n not in chosen][:k - len(chosen)])
     train = sorted(set(names.values()) - set(val))
     return train, val
 

@@ -60,6 +60,17 @@ def test_csv_layout_split_links_and_report(tmp_path, capsys):
     assert (tmp_path / 'out2' / 'ImageSets/Segmentation/val.txt').read_text().split() == val
     assert run([src, tmp_path / 'out3', '--val-fraction', '0.2', '--seed', '4'], capsys)[0] == 0
     assert (tmp_path / 'out3' / 'ImageSets/Segmentation/val.txt').read_text().split() != val
+    assert all(any(table[n][c] for n in val) for c in range(2))             # every class has a val picture
+
+
+def test_val_split_covers_rare_classes(tmp_path, capsys):
+    rows = {f'p{i:02d}.jpg': 'common' for i in range(30)}
+    rows.update({'r1.jpg': 'rare', 'r2.jpg': 'rare;common', 'o.jpg': 'once'})
+    src = tagged(tmp_path, rows)
+    for seed in range(3):
+        assert run([src, tmp_path / f'out{seed}', '--seed', str(seed)], capsys)[0] == 0
+        val = (tmp_path / f'out{seed}' / 'ImageSets/Segmentation/val.txt').read_text().split()
+        assert len(val) == 3 and ('r1' in val) != ('r2' in val) and 'o' not in val   # a class seen once stays in train
 
 
 def test_imagefolder_and_json_and_png(tmp_path, capsys):
