@@ -288,6 +288,7 @@ def gather(args):
             unreadable.append(rel); labels.pop(rel); names.pop(rel)
 
     # masks
+    import numpy as np
     masks = {}
     stray_masks = []
     if masks_dir is not None:
@@ -303,7 +304,13 @@ def gather(args):
                 raise PrepareError(f'mask {mp} is {m.shape[1]}x{m.shape[0]} pixels, its picture {pictures[rel]} is '
                                    f'{sizes[rel][1]}x{sizes[rel][0]}. Fix: draw the mask at the picture\'s size.')
             masks[rel] = m
-    return dict(pictures=pictures, labels=labels, names=names, classes=classes, masks=masks, layout=layout, sizes=sizes,
+    disagree = []                      # a mask's classes against its picture's tags: a wrong class order shows here
+    for rel, m in masks.items():
+        drawn = {int(v) - 1 for v in np.unique(m) if 0 < v < 255}
+        if drawn != set(labels[rel]):
+            disagree.append(f"{Path(rel).name} (mask: {', '.join(classes[c] for c in sorted(drawn)) or 'background'}; "
+                            f"tags: {', '.join(classes[c] for c in labels[rel]) or 'background'})")
+    return dict(disagree=disagree, pictures=pictures, labels=labels, names=names, classes=classes, masks=masks, layout=layout, sizes=sizes,
                 tag_file=tag_file, masks_dir=masks_dir, untagged=untagged, missing=missing, variants=variants,
                 empty_tags=empty_tags, unreadable=unreadable, stray_masks=stray_masks, bg_tag=bg_tag)
 
@@ -431,6 +438,9 @@ def prepare(args) -> int:
     if found['unreadable']:
         note(f'{len(found["unreadable"])} file(s) cannot be read as pictures of at least 16x16 pixels, left out: '
              f'{examples(found["unreadable"])}.')
+    if found['disagree']:
+        note(f'{len(found["disagree"])} mask(s) show other classes than their picture\'s tags: {examples(found["disagree"], 2)}. '
+             'The tags are kept. Fix: check the masks\' class order (--classes a,b,c gives it) or the tags.')
     if found['stray_masks']:
         note(f'{len(found["stray_masks"])} mask(s) match no tagged picture, unused: {examples(found["stray_masks"])}.')
     too_long = prompts_over(classes, prompts_text, 77)

@@ -94,7 +94,7 @@ def test_imagefolder_and_json_and_png(tmp_path, capsys):
 
 
 def test_masks_become_val(tmp_path, capsys):
-    src = tagged(tmp_path, {f'p{i}.jpg': 'dent' if i % 2 else 'scratch' for i in range(8)})
+    src = tagged(tmp_path, {f'p{i}.jpg': 'dent;scratch' if i == 1 else 'dent' if i % 2 else 'scratch' for i in range(8)})
     m = np.zeros((32, 40), np.uint8); m[5:15, 5:25] = 2; m[0, 0] = 255
     Image.fromarray(m).save(picture(src / 'masks' / 'p0.png'))               # greyscale class indices
     pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
@@ -106,6 +106,9 @@ def test_masks_become_val(tmp_path, capsys):
     assert val.names == ['p0', 'p1'] and val.with_masks and 'pictures with masks' in out
     assert (read_mask(val.mask_path('p0')) == m).all()
     assert (read_mask(val.mask_path('p1'))[:5] == 1).all() and (read_mask(val.mask_path('p1'))[10, 10] == 2)
+    assert 'show other classes' not in err
+    rc, out, err = run([src, tmp_path / 'out_swapped', '--classes', 'scratch,dent'], capsys)   # the wrong class order
+    assert rc == 0 and "p0.jpg (mask: dent; tags: scratch)" in err and '--classes' in err
 
 
 # ---------------------------------------------------------------- bad input: one line each, nothing lost
