@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_owndata.ipynb #0a13cf6d
 from __future__ import annotations
-import csv, json, math, os
+import csv, json, os
 from pathlib import Path
 import numpy as np
 import torch
