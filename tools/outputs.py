@@ -20,7 +20,7 @@ NBS = ROOT / 'nbs'
 MAX_NB, MAX_ALL = 1_000_000, 6_000_000
 SKIP_FLAGS = ('slow', 'gpu')
 STAGES = ('00_backbone', '01_prompts', '02_cam', '03_decoder', '04_rfm', '05_losses', '08_model', '10_evaluate',
-          '10b_predict', '11_train')   # the stage notebooks: every `##` section with code shows an output
+          '10b_predict', '11_train', '06b_owndata')   # the stage notebooks: every `##` section with code shows an output
 FIGURE = re.compile(r'^(?!\s*#).*(plt\.|\bshow_(?!doc\b)\w+\(|\.imshow\(|\bsubplots\()', re.M)   # a cell that draws
 
 

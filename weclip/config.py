@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['TOY_WORLD', 'PRESETS', 'PAPER', 'cache_dir', 'toy_world_dir', 'TrainConfig', 'make_config', 'check_config',
-           'config_origins', 'describe_config', 'resolve_device', 'config_parser', 'parse_config', 'config_from_dict']
+__all__ = ['TOY_WORLD', 'PRESETS', 'PAPER', 'FOLDER_STAMP', 'CUSTOM_HELP', 'cache_dir', 'toy_world_dir', 'TrainConfig',
+           'make_config', 'check_config', 'config_origins', 'describe_config', 'resolve_device', 'preset_of',
+           'config_parser', 'parse_config', 'config_from_dict']
 
 # %% ../nbs/09_config.ipynb #22d7c7b7
 def cache_dir() -> Path:
@@ -34,7 +35,7 @@ class TrainConfig:
     preset: str = 'toy'              # toy | voc | coco: the values `PRESETS` gives, before overrides
     variant: str = 'official'        # official | paper: which side of the index's paper-vs-official table to follow
     numerics: str = 'clean'          # clean: float32/float64 arithmetic | official: the official code's fp16 islands and float32 RFM sums (bit for bit on a CPU)
-    dataset: str = 'toy'             # toy | voc | coco
+    dataset: str = 'toy'             # toy | voc | coco | custom (a folder prepared by data_scripts/prepare_folder.py)
     data_root: str = 'data/toy'      # folder in VOC layout (VOCdevkit/VOC2012, COCO in VOC layout, or the toy world)
     train_split: str = 'train_aug'   # split file (ImageSets/Segmentation/NAME.txt) the decoder trains on
     val_split: str = 'val'           # split file measured during training and by the final report
@@ -74,6 +75,8 @@ class TrainConfig:
     pseudo_images: int = 100         # train images whose CAM and pseudo labels are scored at each evaluation (0: off)
     resume: bool = False             # continue from out_dir/last.pt
     report: bool = False             # after training: initial CAM, pseudo labels, seg, seg+CRF on val, as a table
+    background: str = ''             # custom: comma-separated background words (default: VOC's 25 minus the class names)
+    prompts: str = ''                # custom: file of 'class: words CLIP should read' lines (default: DATA_ROOT/prompts.txt if there)
 
 # %% ../nbs/09_config.ipynb #e401574f
 PRESETS = {
@@ -83,6 +86,9 @@ PRESETS = {
     'coco': dict(dataset='coco', data_root='data/coco', train_split='train', val_split='val',
                  model='ViT-B-16', weights='openai', iters=80000, batch_size=8, rfm_start=40000, rfm_layers=10,
                  box_threshold=0.7, eval_every=5000),
+    'custom': dict(dataset='custom', data_root='data/own', train_split='train', val_split='val', model='ViT-B-16',
+                   weights='openai', iters=5000, batch_size=4, rfm_start=2500, eval_every=500, ckpt_every=500,
+                   pseudo_images=0),  # your own pictures: a folder prepared by data_scripts/prepare_folder.py
     'toy': dict(dataset='toy', data_root=str(toy_world_dir()), train_split='train', val_split='val',
                 crop_size=160, model='weclip-tiny', weights='toy', iters=800, batch_size=4, rfm_start=400,
                 decoder_dim=128, num_workers=0, eval_every=200, ckpt_every=50, report=True),  # ≈ 7 min, 2 cores
@@ -107,7 +113,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if not ok: raise ValueError(f"Config value {field}={getattr(cfg, field)!r} is out of range: {what}.")
     need(cfg.variant in ('official', 'paper'), 'variant', "use 'official' or 'paper'")
     need(cfg.numerics in ('clean', 'official'), 'numerics', "use 'clean' or 'official'")
-    need(cfg.dataset in ('toy', 'voc', 'coco'), 'dataset', "use 'toy', 'voc' or 'coco'")
+    need(cfg.dataset in ('toy', 'voc', 'coco', 'custom'), 'dataset', "use 'toy', 'voc', 'coco' or 'custom'")
     need(cfg.norm in ('imagenet', 'clip'), 'norm', "use 'imagenet' or 'clip'")
     need(cfg.supervision in ('weak', 'full'), 'supervision', "use 'weak' (pseudo labels) or 'full' (true masks)")
     need(re.fullmatch(r'auto|cpu|cuda(:\d+)?', str(cfg.device)) is not None, 'device', 'use auto, cpu, cuda or cuda:N')
@@ -164,6 +170,21 @@ def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda
                          f"{f' to cuda:{n - 1}' if n > 1 else ''}): pick one of those, or use --device cuda.")
     return torch.device('cuda', index)
 
+# %% ../nbs/09_config.ipynb #1abc0529
+FOLDER_STAMP = 'ImageSets/Segmentation/folder.json'   # written by data_scripts/prepare_folder.py
+CUSTOM_HELP = ('Your own pictures: prepare them with data_scripts/prepare_folder.py SRC OUT, then --data-root OUT alone '
+               'trains on them (preset custom): class names from OUT\'s label file, background words from --background '
+               "(default VOC's 25 minus the class names), each class's words from --prompts or OUT/prompts.txt "
+               "('scratch: a scratch on metal'), every prompt checked to fit the CLIP's context length (77 tokens for "
+               'ViT-B-16). The default backbone is ViT-B-16 with OpenAI weights; on a CPU with no internet try the '
+               'pipeline with the shipped tiny CLIP: --model weclip-tiny --weights toy --crop-size 96.')
+
+def preset_of(data_root: str | None) -> str:
+    "The preset a command line without `--preset` means: custom for a folder prepared by prepare_folder.py (or a folder of pictures yet to be prepared), else toy."
+    root = Path(data_root).expanduser() if data_root else None
+    if root is None or not root.is_dir(): return 'toy'
+    return 'custom' if (root / FOLDER_STAMP).is_file() or not (root / 'ImageSets').is_dir() else 'toy'
+
 # %% ../nbs/09_config.ipynb #069c8e5d
 def _field_notes() -> dict:
     "Each `TrainConfig` field's end-of-line comment in its source (empty where the source cannot be read)."
@@ -177,7 +198,7 @@ def config_parser() -> argparse.ArgumentParser:
                                  description='Train WeCLIP: a frozen CLIP backbone, a decoder trained on online '
                                              'pseudo labels. Presets: ' + ', '.join(PRESETS) + ' (the default); an '
                                              'option given on the command line overrides the preset. The run prints '
-                                             'every value with where it came from.')
+                                             'every value with where it came from. ' + CUSTOM_HELP)
     notes = _field_notes()
     notes['variant'] = notes.get('variant', '') + ('; paper sets ' + ', '.join(f'{k}={v!r}' for k, v in PAPER.items()))
     for f in dataclasses.fields(TrainConfig):
@@ -188,7 +209,8 @@ def config_parser() -> argparse.ArgumentParser:
                                          ' (' + ', '.join(f'{p} {v!r}' for p, v in vals.items()) + ')')
         what = what.strip().replace('%', '%%')
         if f.name == 'preset':
-            ap.add_argument(opt, choices=list(PRESETS), default=f.default, help=f'preset values, before overrides (default {f.default!r})')
+            ap.add_argument(opt, choices=list(PRESETS), default=None, help='preset values, before overrides (default: '
+                            'custom when --data-root is a folder prepared by data_scripts/prepare_folder.py, else toy)')
         elif f.type in (bool, 'bool'):   # None when not given, so that the preset's value stands
             ap.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=what)
         else:
@@ -199,7 +221,7 @@ def config_parser() -> argparse.ArgumentParser:
 def parse_config(argv=None) -> TrainConfig:
     "The `TrainConfig` a command line asks for: the preset's values, then the options given explicitly."
     a = vars(config_parser().parse_args(argv))
-    preset = a.pop('preset')
+    preset = a.pop('preset') or preset_of(a.get('data_root'))
     return make_config(preset, **{k: v for k, v in a.items() if v is not None})
 
 # %% ../nbs/09_config.ipynb #4d8a15d9

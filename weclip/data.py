@@ -14,9 +14,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette', 'write_mask', 'to_rgb',
-           'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file', 'normalize',
-           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
+__all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette',
+           'write_mask', 'to_rgb', 'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file',
+           'normalize', 'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
            'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
@@ -61,6 +61,7 @@ _FIX_COCO = 'prepare it with data_scripts/prepare_coco.py'
 _FIX_IMAGE = 'replace the file from the original archive, or remove its name from the split file'
 _FIX_MASK = 'rebuild the masks with data_scripts/prepare_voc.py or prepare_coco.py'
 MIN_SIDE = 16                 # smallest image side read: one ViT-B/16 patch
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')  # picture files a dataset may hold
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (white, as a viewer shows them on a page)
 
 def _one(text) -> str: return ' '.join(str(text).split())  # a message on one line
@@ -287,6 +288,10 @@ class SegDataset(Dataset):
 
     def _check_files(self, split_file, folder, ext, what, fix):
         have = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
+        if what == 'image':   # a picture that is not NAME.jpg may be NAME.png, NAME.jpeg, ... (a prepared folder of your own)
+            other = {n: next((e for e in IMAGE_SUFFIXES if n + e in have), None) for n in self.names if n + ext not in have}
+            self._img_ext = {n: e for n, e in other.items() if e}
+            have = have | {n + ext for n in self._img_ext}
         missing = [n for n in self.names if n + ext not in have and self._alt(n) + ext not in have]
         if missing:
             raise DatasetError(f'{split_file} names {len(missing)} {what}(s) missing from {folder} '
@@ -294,6 +299,10 @@ class SegDataset(Dataset):
                                f'remove those names from the split file.')
 
     def _alt(self, name): return name  # another file name a mask may have (COCO's id-only names)
+
+    def image_path(self, name) -> Path:
+        "Path of the picture of image `name` (NAME.jpg, or the picture of another format a prepared folder links)."
+        return self.img_dir / (name + getattr(self, '_img_ext', {}).get(name, '.jpg'))
 
     def mask_path(self, name) -> Path:
         "Path of the mask of image `name`."
@@ -313,7 +322,7 @@ class SegDataset(Dataset):
     def __getitem__(self, index:int|tuple[int, int]) -> dict:   # index, or (epoch, index) from a sampler spanning epochs
         epoch, index = index if isinstance(index, tuple) else (None, index)
         name = self.names[index]
-        image = read_image(self.img_dir / f'{name}.jpg')
+        image = read_image(self.image_path(name))
         K = None if self.classes is None else len(self.classes) + 1          # mask values 0..K-1, or 255
         mask = read_mask(self.mask_path(name), K, self.label_file) if self.with_masks else None
         if mask is not None and mask.shape != image.shape[:2]:

@@ -413,6 +413,10 @@ def run_evaluation(a: argparse.Namespace) -> dict:
     if a.crf: require_crf()
     model, cfg, names = load_model(a.checkpoint, device=a.device, data_root=a.data_root, weights=a.weights)
     split = a.split or cfg.val_split
+    if cfg.dataset == 'custom' and not (Path(cfg.data_root).expanduser() / 'SegmentationClass').is_dir():   # your own pictures (06b)
+        raise EvalError(f"{cfg.data_root} has no masks, so there is nothing to measure against: look at the run's "
+                        f"gallery ({Path(a.checkpoint).parent / 'gallery'}), segment pictures with python -m weclip.predict, "
+                        "or prepare the folder again with --masks for some pictures.")
     ds = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, split, transform=EvalTransform(norm=cfg.norm),
                                                   with_masks=None if split == 'test' else True)
     long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long

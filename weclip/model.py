@@ -7,8 +7,10 @@ from __future__ import annotations
 import statistics, time
 import torch, torch.nn as nn, torch.nn.functional as F
 import open_clip
-from .backbone import FrozenCLIP
+from .backbone import FrozenCLIP, BackboneError
+from pathlib import Path
 from .prompts import class_names, background_names, prompt_templates, text_features
+from .prompts import custom_prompts, prompt_features, read_prompt_file
 from .cam import initial_cam, initial_cam_official, box_mask, check_labels
 from .decoder import Decoder, affinity, count_params
 from .rfm import refine_cam, pseudo_labels
@@ -80,22 +82,39 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
     device = resolve_device(cfg.device)              # 'auto' or 'cuda' -> an indexed torch.device
     numerics = getattr(cfg, 'numerics', 'clean')
-    backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device, numerics=numerics)
+    try: backbone = FrozenCLIP.from_pretrained(cfg.model, weights, device=device, numerics=numerics)
+    except BackboneError as e:   # your own pictures without CLIP's weights: the way to try the pipeline all the same
+        if cfg.dataset != 'custom': raise
+        raise BackboneError(f"{e} To try the pipeline on a CPU without them: --model weclip-tiny --weights toy "
+                            "--crop-size 96 (the shipped tiny CLIP knows only the toy world's shapes).") from None
     tok = open_clip.get_tokenizer(cfg.model)
     if cfg.dataset in ('voc', 'coco'):
         fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
+    elif cfg.dataset == 'custom':   # your own classes: prompts as the prompt file gives them, else the template's
+        if not classes: raise ValueError("The dataset's class names are needed: pass classes=dataset.classes.")
+        fg, bg = custom_prompts(classes, prompt_templates(cfg.variant), *_custom_words(cfg))
     else:
         if not classes: raise ValueError("The toy world's class names are needed: pass classes=dataset.classes.")
         fg, bg = tuple(classes), TEXTURES
     tpl = prompt_templates(cfg.variant)
-    fg_text = text_features(backbone, tok, fg, tpl, device=device)   # through the backbone: its numerics apply
-    bg_text = text_features(backbone, tok, bg, tpl, device=device)
+    if cfg.dataset == 'custom': fg_text, bg_text = (prompt_features(backbone, tok, p, device) for p in (fg, bg))
+    else:
+        fg_text = text_features(backbone, tok, fg, tpl, device=device)   # through the backbone: its numerics apply
+        bg_text = text_features(backbone, tok, bg, tpl, device=device)
     return cls(backbone, fg_text, bg_text, variant=cfg.variant, decoder_blocks=cfg.decoder_blocks,
                decoder_dim=cfg.decoder_dim, rfm_start=cfg.rfm_start, rfm_layers=cfg.rfm_layers,
                box_threshold=cfg.box_threshold, aff_weight=cfg.aff_weight, aff_radius=cfg.aff_radius,
                rfm=getattr(cfg, 'rfm', True), supervision=getattr(cfg, 'supervision', 'weak'),
                rfm_power=getattr(cfg, 'rfm_power', 2), numerics=numerics)
 WeCLIP.from_config = classmethod(_from_config)
+
+def _custom_words(cfg) -> tuple:
+    "A custom run's prompt table (--prompts, else DATA_ROOT/prompts.txt when there; None: the template's) and background words (None: the default)."
+    path = Path(cfg.prompts or Path(cfg.data_root).expanduser() / 'prompts.txt').expanduser()
+    if cfg.prompts and not path.is_file():
+        raise ValueError(f"--prompts {cfg.prompts} is not a file: pass a text file of 'class: words CLIP should read' lines.")
+    bg = [w.strip() for w in cfg.background.split(',') if w.strip()] if cfg.background else None
+    return (read_prompt_file(path) if path.is_file() else None), bg
 
 # %% ../nbs/08_model.ipynb #61ad8573
 def _forward(self: WeCLIP,

@@ -6,7 +6,8 @@
 __all__ = ['VOC_CLASSES', 'VOC_CLASSES_OFFICIAL', 'COCO_CLASSES', 'COCO_CLASSES_OFFICIAL', 'VOC_BACKGROUND', 'COCO_BACKGROUND',
            'TEMPLATES_OFFICIAL', 'TEMPLATES_PAPER', 'DATASETS', 'VARIANTS', 'class_names', 'background_names',
            'prompt_templates', 'synonyms', 'build_prompts', 'count_tokens', 'context_length_of', 'check_prompts_fit',
-           'clear_text_cache', 'text_features', 'dataset_text_features']
+           'clear_text_cache', 'text_features', 'dataset_text_features', 'read_prompt_file', 'default_background',
+           'custom_prompts', 'prompt_features']
 
 # %% ../nbs/01_prompts.ipynb #ec24ad6f
 import weakref
@@ -181,3 +182,49 @@ def dataset_text_features(clip_model, tokenizer:Callable, dataset:str='voc', var
     names, bg, templates = class_names(dataset, variant), background_names(dataset), prompt_templates(variant)
     return (text_features(clip_model, tokenizer, names, templates, split_synonyms, device),
             text_features(clip_model, tokenizer, bg, templates, split_synonyms, device))
+
+# %% ../nbs/01_prompts.ipynb #44c2c883
+def read_prompt_file(path) -> dict:
+    "Class name → its prompts, from a text file of `class: prompt; prompt` lines (blank lines and `#` comments skipped)."
+    table = {}
+    for n, line in enumerate(open(path, encoding='utf-8-sig').read().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith('#'): continue
+        name, sep, words = line.partition(':')
+        prompts = [p.strip() for p in words.split(';') if p.strip()]
+        if not sep or not prompts:
+            raise ValueError(f'{path} line {n} is not "class: words CLIP should read" (e.g. "scratch: a scratch on metal"): fix or drop it.')
+        table.setdefault(' '.join(name.split()).lower(), []).extend(prompts)
+    return table
+
+def default_background(classes:Sequence[str]) -> tuple:
+    "VOC's 25 background words without the dataset's own class names (a class named 'road' is not background)."
+    own = {w for c in classes for w in (c.lower(), c.lower().replace('_', ' '))}
+    return tuple(w for w in VOC_BACKGROUND if w not in own)
+
+def custom_prompts(classes:Sequence[str], # the dataset's class names, in label order
+                   templates:Sequence[str]=TEMPLATES_OFFICIAL,
+                   prompts:dict|None=None, # class → its own prompts (`read_prompt_file`), used as written
+                   background:Sequence[str]|None=None, # background words (default: `default_background`)
+                  ) -> tuple:
+    "Prompts of each class (its own, else every template filled with its name, '_' read as a space) and of each background word."
+    prompts = {k.lower(): v for k, v in (prompts or {}).items()}
+    unknown = sorted(set(prompts) - {c.lower() for c in classes})
+    if unknown: raise ValueError(f"the prompt file gives prompts for {unknown}, which are not classes of the dataset "
+                                 f"({', '.join(classes)}): correct the names or drop those lines.")
+    bg = default_background(classes) if background is None else tuple(background)
+    clash = sorted({b.lower() for b in bg} & {c.lower() for c in classes})
+    if clash: raise ValueError(f"background words {clash} are also class names: drop them from --background.")
+    if not bg: raise ValueError("no background words: give some with --background (e.g. --background ground,wall,sky).")
+    fg = [prompts.get(c.lower()) or [t.format(c.replace('_', ' ')) for t in templates] for c in classes]
+    return fg, [[t.format(w) for t in templates] for w in bg]
+
+def prompt_features(clip_model, tokenizer:Callable, prompts:Sequence[Sequence[str]], device=None) -> torch.Tensor:
+    "Features (len(prompts), E) of lists of prompts read as written: each list's prompts averaged, as `text_features` averages templates."
+    n = context_length_of(clip_model, tokenizer)
+    for ps in prompts:
+        for p in ps:
+            k = count_tokens(tokenizer, p)
+            if k > n: raise ValueError(f"prompt {p!r} is {k} tokens long and this CLIP reads at most {n}: shorten the "
+                                       "class name, or give the class a shorter prompt in the prompt file.")
+    flat = text_features(clip_model, tokenizer, [p for ps in prompts for p in ps], ('{}',), device=device)   # (P, E)
+    return F.normalize(torch.stack([e.mean(0) for e in flat.split([len(ps) for ps in prompts])]), dim=-1)

@@ -18,6 +18,7 @@ from .toy import write_toy_dataset
 from .model import WeCLIP
 from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, evaluate_dataset, iou_table,
                              default_long_side, crf_available)
+from .owndata import custom_datasets, custom_evaluate
 
 # %% auto #0
 __all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'Interrupted',
@@ -77,6 +78,7 @@ def _toy_world(root: Path):
 
 def build_datasets(cfg: TrainConfig):
     "The training split (official augmentation) and the validation split (full size, with masks) of `cfg.dataset`."
+    if cfg.dataset == 'custom': return custom_datasets(cfg)     # a folder of your own (notebook 06b)
     root = Path(cfg.data_root).expanduser()
     if cfg.dataset == 'toy' and not root.exists(): _toy_world(root)
     cls = COCO if cfg.dataset == 'coco' else VOC
@@ -231,6 +233,7 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
 
 def _evaluate(model, val_ds, sub, cfg, it, device, run) -> float:
     "Main process: val mIoU and the train labels' quality, logged and printed; the val mIoU."
+    if cfg.dataset == 'custom': return custom_evaluate(model, val_ds, cfg, it, device, run)   # + the gallery (06b)
     model.eval()
     ev = val_miou(model, val_ds, cfg.eval_images, device)
     run.log(it, val_miou=ev['miou'], val_iou=ev['iou']); run.last['val_miou'] = ev['miou']
