@@ -173,8 +173,7 @@ def write_label_file(path, classes:list[str], labels:dict[str, list[int]]):
     "Write image-level `labels` (name → 0-based class indices, no background) and `classes` as JSON, atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     doc = {'classes': list(classes), 'labels': {n: sorted(int(c) for c in cs) for n, cs in sorted(labels.items())}}
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(doc, separators=(',', ':')).replace('],"', '],\n"')); os.replace(tmp, path)
+    write_text(path, json.dumps(doc, separators=(',', ':')).replace('],"', '],\n"'))
 
 def read_label_file(path) -> tuple[list[str], dict[str, np.ndarray]]:
     "Class names and name → float32 C-vector of image-level labels from a `cls_labels.json` (or official `.npy`)."
