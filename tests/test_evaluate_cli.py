@@ -173,6 +173,7 @@ def test_predict_odd_pictures(run_dir):
     Image.new('RGB', (1, 1)).save(d / 'dot.png')
     r = run('predict', '--checkpoint', ck, str(d / 'dot.png'), '--out', str(run_dir / 'odd_out2'))
     assert r.returncode != 0 and 'is 1x1 pixels' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert not (run_dir / 'odd_out2').exists()                  # failed before writing: no empty folder left behind
 
 
 def test_voc_checkpoint_on_a_root_with_other_classes(tmp_path):

@@ -155,10 +155,14 @@ def predict_cli(argv=None):
               ('. It was trained on the toy world: on other pictures it still answers with one of these shapes.'
                if cfg.dataset == 'toy' else '.'))
         t = time.perf_counter()
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        with RunLock(a.out, '--out'):                   # two runs never mix their masks in one folder
-            done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
-                                  a.max_side or None, a.crf_workers, names)
+        out = Path(a.out); created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with RunLock(out, '--out'):                 # two runs never mix their masks in one folder
+                done = predict_images(model, paths, out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
+                                      a.max_side or None, a.crf_workers, names)
+        finally:
+            if created and not any(out.iterdir()): out.rmdir()   # failed before writing: no empty folder left
     except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     for d in done: print(f"{d['image']}: {', '.join(names[c] for c in d['classes'])} -> {d['mask']}, {d['overlay']}")
     print(f'{len(done)} images in {time.perf_counter() - t:.1f}s; masks and overlays in {a.out}')
