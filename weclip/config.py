@@ -144,6 +144,8 @@ def _check_more(cfg: TrainConfig, need) -> TrainConfig:
               'box_threshold', 'aff_weight'):
         need(isinstance(getattr(cfg, f), (int, float)) and math.isfinite(getattr(cfg, f)), f, 'it must be a finite number')
     need(cfg.poly_power >= 0, 'poly_power', 'it must not be negative (0: a constant learning rate after the warm-up)')
+    need(cfg.decoder_dim % 8 == 0, 'decoder_dim', 'the decoder has 8 attention heads: use a multiple of 8 such as 256')
+    need(cfg.seed < 2 ** 32, 'seed', 'it must be below 2**32 (NumPy seeds with 32 bits)')
     need(cfg.scale_max <= MAX_SCALE, 'scale_max', f'it must be at most {MAX_SCALE:g}')
     vision = _vision(cfg.model)
     if vision:
