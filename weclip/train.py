@@ -246,7 +246,8 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
     except RuntimeError: raise other from None          # older checkpoints, without their class list
     for saved, g in zip(state['optimizer']['param_groups'], opt.param_groups):   # the update kernel is this device's
         saved.update(fused=g.get('fused'), foreach=g.get('foreach'))   # (fused on a GPU, the loop on a CPU), set before
-    asked = {f: getattr(cfg, f) != state['config'].get(f) for f in ('lr', 'decoder_lr_mult', 'weight_decay')}
+    allowed = {a.strip() for a in str(cfg.allow_change or '').split(',')}   # only what --allow-change names
+    asked = {f: f in allowed and getattr(cfg, f) != state['config'].get(f) for f in ('lr', 'decoder_lr_mult', 'weight_decay')}
     fresh = [dict(initial_lr=g['initial_lr'], weight_decay=g['weight_decay']) for g in opt.param_groups]
     opt.load_state_dict(state['optimizer'])           # loading: it places AdamW's step counts where that kernel needs them
     sched.load_state_dict(state['scheduler']); set_rng_state(state['rng'][rank], device)
