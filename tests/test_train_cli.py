@@ -266,9 +266,9 @@ def test_full_disk_on_metrics_leaves_whole_rows(toy, tmp_path, monkeypatch):
     class Full:                                   # a file on a disk that fills up in the middle of row 3
         def __init__(self, f): self.f = f
         def __getattr__(self, k): return getattr(self.f, k)
-        def write(self, text):
-            if text.startswith('{"iteration": 3'): self.f.write(text[:12]); self.f.flush(); raise OSError(28, 'No space left on device')
-            return self.f.write(text)
+        def write(self, data):
+            if bytes(data).startswith(b'{"iteration": 3'): self.f.write(bytes(data)[:12]); raise OSError(28, 'No space left on device')
+            return self.f.write(data)
     real_init = T._Logger.__init__
     def init(self, *a, **k): real_init(self, *a, **k); self.f = Full(self.f)
     monkeypatch.setattr(T._Logger, '__init__', init)

@@ -121,19 +121,20 @@ class _Logger:
     "Metrics to a JSON-lines file, and to TensorBoard when it is installed (silently skipped otherwise)."
     def __init__(self, out: Path, fresh: bool = False): # fresh: a new run replaces the rows of one that wrote no checkpoint
         self.path = out / 'metrics.jsonl'
-        self.f = open(self.path, 'w' if fresh else 'a')
+        self.f = open(self.path, 'wb' if fresh else 'ab', buffering=0)   # unbuffered: a row is on disk or cut off
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / 'tb'))
         except Exception: self.tb = None
     def __call__(self, it: int, **values):
-        end = self.f.tell()
-        try: self.f.write(json.dumps(dict(iteration=it, **values)) + '\n'); self.f.flush()
+        row, end = memoryview((json.dumps(dict(iteration=it, **values)) + '\n').encode()), os.fstat(self.f.fileno()).st_size
+        try:
+            while row: row = row[self.f.write(row):]
         except OSError as e:                       # a full disk: cut the half row off, say which file
-            try: self.f.truncate(end)
+            try: os.ftruncate(self.f.fileno(), end)
             except OSError: pass
-            raise WriteError(f"Could not write {self.path} ({e.strerror or e}); its rows up to iteration {it} are "
-                             "whole. Free disk space or choose another --out-dir, then run the same command with --resume.") from None
+            raise WriteError(f"Could not write {self.path} ({e.strerror or e}); its rows before iteration {it} are whole. "
+                             "Free disk space or choose another --out-dir, then run the same command with --resume auto.") from None
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, (int, float)): self.tb.add_scalar(k, v, it)
