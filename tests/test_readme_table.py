@@ -23,6 +23,7 @@ COVERAGE = {
                             ('tests/test_data_faults.py', 'image(s) missing'),
                             ('tests/test_data_faults.py', 'image(s) more than once')],
     'a training split smaller than one batch': [('tests/test_train_cli.py', 'fewer than one batch')],
+    '`--preset coco` (or voc) on a root': [('tests/test_train_cli.py', 'classes, but --dataset coco prompts 80: pass the')],
     'a corrupt or truncated picture': [('tests/test_data_faults.py', 'cannot read image'),
                                        ('tests/test_train_cli.py', 'cannot read image')],
     'a picture under 16 pixels': [('tests/test_data_faults.py', 'smallest side weclip reads')],

@@ -290,3 +290,17 @@ def test_resume_with_another_process_count_is_one_line(toy, tmp_path):
     with pytest.raises(SystemExit) as e: main([*ARGS, '--data-root', toy, '--out-dir', str(out), '--iters', '2',
                                                '--eval-every', '2', '--resume'])
     assert f"{out / 'last.pt'} was written by 2 process(es), this run has 1: resume with the same --nproc_per_node" in str(e.value)
+
+
+def test_label_file_with_another_class_count_names_the_file(tmp_path):
+    """--preset coco on a root whose label file lists 3 classes: one line naming the file and the option, no CAM error."""
+    from weclip.data import make_tiny_dataset
+    from weclip.train import main
+    root = make_tiny_dataset(tmp_path / 'coco3', 'coco', n_train=2, n_val=1, classes=['cat', 'dog', 'tree'])
+    with pytest.raises(SystemExit) as e:
+        main([*ARGS, '--preset', 'coco', '--data-root', str(root), '--out-dir', str(tmp_path / 'never'), '--crop-size', '64'])
+    label_file = root / 'ImageSets' / 'Segmentation' / 'cls_labels.json'
+    assert str(e.value) == (f"error: The label file {label_file} lists 3 classes, but --dataset coco prompts 80: pass the "
+                            f"--preset (or --dataset) that {root} was prepared for, or rebuild its label file with "
+                            "data_scripts/prepare_coco.py."), str(e.value)
+    assert not (tmp_path / 'never').exists()

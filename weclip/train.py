@@ -17,6 +17,7 @@ from .checkpoint import (save_checkpoint, load_checkpoint, check_resume_config, 
 from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line, write_text, WriteError
 from .toy import write_toy_dataset
 from .model import WeCLIP
+from .prompts import class_names
 from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, evaluate_dataset, iou_table,
                              default_long_side, crf_available)
 
@@ -87,7 +88,17 @@ def build_datasets(cfg: TrainConfig):
     if len(train) < cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1)):
         raise ValueError(f"The training split {cfg.train_split!r} of {root} has {len(train)} images, fewer than one batch "
                          f"(batch_size={cfg.batch_size} x {os.environ.get('WORLD_SIZE', 1)} process(es)): lower --batch-size.")
+    _check_class_count(cfg, train)
     return train, val
+
+def _check_class_count(cfg: TrainConfig, train):
+    "VOC and COCO models prompt their preset's class names: the root's label file must list as many classes."
+    if cfg.dataset not in ('voc', 'coco'): return
+    n = len(class_names(cfg.dataset, cfg.variant))
+    if len(train.classes) != n:
+        raise ValueError(f"The label file {train.label_file} lists {len(train.classes)} classes, but --dataset "
+                         f"{cfg.dataset} prompts {n}: pass the --preset (or --dataset) that {cfg.data_root} was prepared "
+                         f"for, or rebuild its label file with data_scripts/prepare_{cfg.dataset}.py.")
 
 # %% ../nbs/11_train.ipynb #0d173b65
 class Progress:
