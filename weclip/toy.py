@@ -370,7 +370,7 @@ def _save_jpeg(path, image):
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format='JPEG', quality=95, subsampling=0), _FIX_FULL)
 
 def _write_json(path, obj):
-    from weclip.data import write_text
+    from weclip.data import write_text   # here, not at the top: weclip.data imports torch
     write_text(path, json.dumps(obj, indent=0), _FIX_FULL)
 
 def write_toy_dataset(root, # dataset folder (created)
