@@ -304,3 +304,18 @@ def test_one_line_of_plain_exceptions():
     assert one_line(wrapped) == 'ZeroDivisionError: division by zero'                 # not bad input: the type stays
     wrapped = ValueError(str(wrapped).replace('ZeroDivisionError: division by zero', 'weclip.data.DatasetError: bad x'))
     assert one_line(wrapped) == 'bad x'
+
+
+def test_split_listing_an_image_twice_is_refused(tmp_path):
+    "An image listed twice would count twice in every mIoU (evaluate's and training's): refused, naming the file."
+    root = make_tiny_dataset(tmp_path / 'coco', 'coco', n_train=2, n_val=2)
+    split = root / 'ImageSets' / 'Segmentation' / 'val.txt'
+    names = split.read_text().split()
+    split.write_text('\n'.join(names + names[:1]) + '\n')
+    one_line_error(lambda: COCO(root, 'val'), str(split), 'lists 1 image(s) more than once', names[0], 'one line per image')
+
+
+def test_missing_split_file_names_the_splits_there(tmp_path):
+    root = make_tiny_dataset(tmp_path / 'voc', n_train=2, n_val=1, n_test=0)
+    one_line_error(lambda: VOC(root, 'trainaug'), str(root / 'ImageSets' / 'Segmentation' / 'trainaug.txt'),
+                   "not found (splits here: ['train', 'train_aug', 'val'])", 'prepare_voc.py')

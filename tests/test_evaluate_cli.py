@@ -173,3 +173,99 @@ def test_predict_odd_pictures(run_dir):
     Image.new('RGB', (1, 1)).save(d / 'dot.png')
     r = run('predict', '--checkpoint', ck, str(d / 'dot.png'), '--out', str(run_dir / 'odd_out2'))
     assert r.returncode != 0 and 'is 1x1 pixels' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert not (run_dir / 'odd_out2').exists()                  # failed before writing: no empty folder left behind
+
+
+def test_voc_checkpoint_on_a_root_with_other_classes(tmp_path):
+    """The check reads the root's own label file: a VOC checkpoint on a 3-class root in VOC layout is refused, naming it."""
+    from weclip.backbone import TINY_CLIP
+    from weclip.config import make_config
+    from weclip.checkpoint import save_checkpoint
+    from weclip.data import make_tiny_dataset
+    from weclip.model import WeCLIP
+    from weclip.prompts import VOC_CLASSES
+    from weclip.evaluate import evaluate_cli
+    other = make_tiny_dataset(tmp_path / 'other', n_train=1, n_val=2, n_test=0, classes=['cat', 'dog', 'tree'])
+    cfg = make_config('voc', model=TINY_CLIP, weights='none', data_root=str(tmp_path / 'nowhere'), decoder_dim=32)
+    torch.manual_seed(0)
+    model = WeCLIP.from_config(cfg, classes=list(VOC_CLASSES))
+    ck = tmp_path / 'voc.pt'
+    save_checkpoint(dict(iteration=1, best=0.0, model=model.trainable_state_dict(), config=asdict(cfg),
+                         classes=list(VOC_CLASSES)), ck)
+    with pytest.raises(SystemExit) as e:
+        evaluate_cli(['--checkpoint', str(ck), '--data-root', str(other), '--quiet', '--out', str(tmp_path / 'ev')])
+    msg = str(e.value)
+    assert f'{ck} was trained on other classes than {other} has (20 there, 3 in its label file ' in msg, msg
+    assert "cls_labels.json; first difference: 'aeroplane' there, 'cat' here): pass --data-root" in msg, msg
+    assert not (tmp_path / 'ev' / 'results.json').exists()
+
+
+def test_inference_options_out_of_range(run_dir):
+    from weclip.evaluate import evaluate_cli
+    from weclip.predict import predict_cli
+    ck = str(run_dir / 'run' / 'last.pt')
+    img = str(run_dir / 'toy' / 'JPEGImages' / 'toy_val_000000.jpg')
+    for cli, args, message in [
+            (evaluate_cli, ['--resize-long', '-5'], '--resize-long -5 is negative: use 0'),
+            (evaluate_cli, ['--max-images', '-1'], '--max-images -1 is negative: use 0 (every image'),
+            (evaluate_cli, ['--resize-long', '3'], '--resize-long 3 is below one 8-pixel patch of this model: use 0'),
+            (evaluate_cli, ['--scales', 'nan'], '--scales nan: every scale must be a positive finite factor'),
+            (evaluate_cli, ['--crf-workers', '-2'], '--crf-workers -2 is negative'),
+            (predict_cli, [img, '--resize-long', '-5'], '--resize-long -5 is negative'),
+            (predict_cli, [img, '--max-side', '5'], '--max-side 5 is below 16 pixels'),
+            (predict_cli, [img, '--scales', '0'], 'every scale must be a positive finite factor')]:
+        with pytest.raises(SystemExit) as e: cli(['--checkpoint', ck, '--quiet', '--out', str(run_dir / 'never'), *args])
+        assert message in str(e.value) and '\n' not in str(e.value), (args, str(e.value))
+    assert not (run_dir / 'never' / 'results.json').exists()
+
+
+def test_two_predict_runs_never_share_an_out_folder(run_dir):
+    import socket
+    from weclip.predict import predict_cli
+    out = run_dir / 'shared'; out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        (out / '.lock').write_text(f'{socket.gethostname()} {holder.pid}')
+        with pytest.raises(SystemExit) as e:
+            predict_cli(['--checkpoint', str(run_dir / 'run' / 'last.pt'), str(run_dir / 'toy' / 'JPEGImages'),
+                         '--out', str(out), '--quiet', '--no-flip', '--scales', '1'])
+        assert f'is in use by another run (pid {holder.pid}' in str(e.value) and 'choose another --out,' in str(e.value)
+        assert sorted(p.name for p in out.iterdir()) == ['.lock']
+    finally:
+        holder.kill(); holder.wait()
+
+
+def test_full_disk_leaves_no_broken_file(run_dir, monkeypatch):
+    """ENOSPC in the middle of an overlay JPEG or results.json: one line naming the path, no file under its final name."""
+    import errno
+    from weclip import data
+    from weclip.evaluate import evaluate_cli
+    from weclip.predict import predict_cli
+    real_open = open
+    class Full:
+        def __init__(self, f): self.f = f
+        def __getattr__(self, k):                 # no fileno: PIL writes through write() as to any stream
+            if k == 'fileno': raise AttributeError(k)
+            return getattr(self.f, k)
+        def __enter__(self): return self
+        def __exit__(self, *e): self.f.close()
+        def write(self, b): self.f.write(b[:5]); raise OSError(errno.ENOSPC, 'No space left on device')
+    def fill_up(name):
+        def fake_open(path, *a, **k):
+            f = real_open(path, *a, **k)
+            return Full(f) if name in str(path) else f
+        monkeypatch.setattr(data, 'open', fake_open, raising=False)
+    ck = str(run_dir / 'run' / 'last.pt')
+    fill_up('_overlay.jpg')
+    out = run_dir / 'full'
+    with pytest.raises(SystemExit) as e:
+        predict_cli(['--checkpoint', ck, str(run_dir / 'toy' / 'JPEGImages' / 'toy_val_000000.jpg'), '--out', str(out),
+                     '--quiet', '--no-flip', '--scales', '1'])
+    assert str(e.value) == (f"error: Could not write {out / 'toy_val_000000_overlay.jpg'} (No space left on device); no "
+                            "toy_val_000000_overlay.jpg was written. Free disk space, or choose another --out."), str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ['toy_val_000000.png']           # the mask whole, no overlay, no temp
+    fill_up('results.json')
+    with pytest.raises(SystemExit) as e:
+        evaluate_cli(['--checkpoint', ck, '--quiet', '--max-images', '1', '--out', str(run_dir / 'ev_full')])
+    assert f"Could not write {run_dir / 'ev_full' / 'results.json'} (No space left on device)" in str(e.value), str(e.value)
+    assert not (run_dir / 'ev_full' / 'results.json').exists() and not list((run_dir / 'ev_full').glob('.*'))

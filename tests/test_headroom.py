@@ -40,3 +40,11 @@ def test_cli_help_and_bad_input():
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:
             main(bad + ['--n', '1'])
         assert msg in str(e.value), (bad, e.value)
+
+
+def test_json_is_written_whole(tmp_path):
+    import json
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        res = main(['--n', '1', '--alpha', '2', '--json', str(tmp_path / 'h.json')])
+    doc = json.loads((tmp_path / 'h.json').read_text())
+    assert doc['rows'] and len(doc['rows']) == len(res['rows']) and not list(tmp_path.glob('.*'))

@@ -1,5 +1,5 @@
 """The toy world's command line, run as a user runs it (a subprocess): help, a tiny dataset, and bad input."""
-import json, subprocess, sys
+import json, os, subprocess, sys
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,3 +82,26 @@ def test_other_seed_in_same_folder_refused(tmp_path):
 def test_missing_out_is_a_usage_error():
     r = run('--n-train', '2')
     assert r.returncode == 2 and '--out DIR is required' in r.stderr
+
+
+def test_full_disk_names_the_file(tmp_path, monkeypatch):
+    """ENOSPC while a toy picture is written: one line naming it and the fix; no picture under its final name."""
+    import errno
+    from weclip import data
+    from weclip.data import WriteError
+    from weclip.toy import write_toy_dataset
+    real_open = open
+    def fake_open(path, *a, **k):
+        if str(path).endswith('.jpg.tmp-' + str(os.getpid())) and 'val_000001' in str(path):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(data, 'open', fake_open, raising=False)
+    with pytest.raises(WriteError) as e: write_toy_dataset(tmp_path / 'toy', n_train=1, n_val=2, seed=0)
+    pic = tmp_path / 'toy' / 'JPEGImages' / 'toy_val_000001.jpg'
+    assert str(e.value) == (f'Could not write {pic} (No space left on device); no toy_val_000001.jpg was written. Free '
+                            'disk space, or write the toy world elsewhere ($WECLIP_CACHE for the cached one, --out for '
+                            'python -m weclip.toy).'), str(e.value)
+    assert not pic.exists() and not list(pic.parent.glob('.*'))
+    from weclip.toy import main                                 # the command line: the same line, no traceback
+    with pytest.raises(SystemExit) as e: main(['--out', str(tmp_path / 'cli'), '--n-train', '1', '--n-val', '2', '--quiet'])
+    assert str(e.value).startswith(f"error: Could not write {tmp_path / 'cli' / 'JPEGImages' / 'toy_val_000001.jpg'} (No space")

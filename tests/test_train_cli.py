@@ -189,3 +189,118 @@ def test_resume_on_another_class_list_is_one_line(toy, tmp_path):
     r = run(*ARGS, '--data-root', other, '--out-dir', str(tmp_path / 'o'), '--iters', '2', '--resume')
     assert r.returncode != 0 and 'was trained on other classes than' in r.stderr, r.stderr[-3000:]
     assert 'Traceback' not in r.stderr
+
+
+def test_fresh_run_into_a_run_is_refused_and_resume_auto_works(toy, tmp_path):
+    """A requeued job (or a forgotten --resume) never replaces a run; `--resume auto` is one command for both cases."""
+    common = [*ARGS, '--data-root', toy, '--iters', '2', '--eval-every', '2']
+    first = run(*common, '--out-dir', str(tmp_path / 'y'), '--resume', 'auto')       # no last.pt yet: starts
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {p: (tmp_path / 'y' / p).read_bytes() for p in ('last.pt', 'best.pt', 'config.json', 'metrics.jsonl')}
+    again = run(*common, '--out-dir', str(tmp_path / 'y'))
+    assert again.returncode != 0 and 'Traceback' not in again.stderr, again.stderr[-3000:]
+    assert again.stderr.strip() == (f"error: {tmp_path / 'y'} already holds a run ({tmp_path / 'y' / 'last.pt'}): continue "
+                                    "it with --resume (or --resume auto in a job that may be requeued), or start a new "
+                                    f"run with another --out-dir (or delete {tmp_path / 'y'} first to start over).")
+    assert all((tmp_path / 'y' / p).read_bytes() == b for p, b in kept.items())      # nothing replaced, nothing appended
+    resumed = run(*common, '--out-dir', str(tmp_path / 'y'), '--resume', 'auto', '--iters', '2')
+    assert resumed.returncode == 0 and 'Resuming' in resumed.stdout, resumed.stderr[-3000:]
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--poly-power', '-1'), 'poly_power=-1.0 is out of range: it must not be negative'),
+    (('--poly-power', 'nan'), 'poly_power=nan is out of range: it must be a finite number'),
+    (('--scale-max', 'inf'), 'scale_max=inf is out of range: it must be a finite number'),
+    (('--crop-size', '7'), 'crop_size=7 is out of range: the crop must be a whole number of 8-pixel patches of '
+                           'weclip-tiny: use --crop-size 8'),
+    (('--lr', '-1'), 'lr=-1.0 is out of range'),
+    (('--resume', 'sometimes'), "resume='sometimes' is out of range: use --resume, --resume auto"),
+])
+def test_numeric_options_checked_at_parse_time(args, message, tmp_path):
+    from weclip.train import main
+    with pytest.raises(SystemExit) as e: main([*ARGS, *args, '--out-dir', str(tmp_path / 'never')])
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+    assert not (tmp_path / 'never').exists()
+
+
+@pytest.mark.parametrize('obj, what', [({'a': 1}, "a dict without 'iteration'"), ([1, 2], 'list'), (torch.ones(3), 'Tensor'),
+                                       ({'iteration': 1, 'best': 0., 'optimizer': {}, 'scheduler': {}, 'rng': [],
+                                         'model': {'w': torch.ones(1)}, 'config': {'lr': 1}}, "a dict whose 'config' is not a weclip run's")])
+def test_resume_of_a_foreign_last_pt_is_one_line(toy, tmp_path, obj, what):
+    from weclip.train import main
+    (tmp_path / 'f').mkdir(); torch.save(obj, tmp_path / 'f' / 'last.pt')
+    with pytest.raises(SystemExit) as e: main([*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'f'), '--resume'])
+    assert f"{tmp_path / 'f' / 'last.pt'} is not a weclip training checkpoint (it holds {what}" in str(e.value), str(e.value)
+    assert 'delete it (or move it away) to start a new run' in str(e.value)
+
+
+def test_diverged_weights_are_never_a_good_checkpoint(toy, tmp_path):
+    """--lr 1e30 keeps finite but blown-up weights: never written, and the advice says there is no checkpoint yet."""
+    r = run(*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'big'), '--lr', '1e30')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert 'decoder tensors have blown up (max |w|' in r.stderr and 'there is no good checkpoint to resume yet' in r.stderr
+    assert not (tmp_path / 'big' / 'last.pt').exists()
+
+
+def test_second_ctrl_c_during_the_save_is_one_line(toy, tmp_path, monkeypatch):
+    """Ctrl-C pressed again while the first one's checkpoint is written: one line, and last.pt is the previous whole one."""
+    from weclip import train as T
+    real, calls = torch.save, []
+    def save(obj, f):
+        calls.append(1)
+        if len(calls) == 2: f.write(b'half'); raise KeyboardInterrupt
+        return real(obj, f)
+    monkeypatch.setattr(torch, 'save', save)
+    out = tmp_path / 'k'
+    with pytest.raises(SystemExit) as e: T.main([*ARGS, '--data-root', toy, '--out-dir', str(out)])
+    assert str(e.value) == (f"Stopped at once by a second Ctrl-C; {out / 'last.pt'} is the last complete checkpoint: "
+                            "continue with the same command and --resume."), str(e.value)
+    assert torch.load(out / 'last.pt', weights_only=True)['iteration'] == 1
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []     # no temporary file, no lock
+
+
+def test_full_disk_on_metrics_leaves_whole_rows(toy, tmp_path, monkeypatch):
+    """A full disk while a metrics row is appended: one line naming metrics.jsonl; the file keeps only whole rows."""
+    import json
+    from weclip import train as T
+    class Full:                                   # a file on a disk that fills up in the middle of row 3
+        def __init__(self, f): self.f = f
+        def __getattr__(self, k): return getattr(self.f, k)
+        def write(self, data):
+            if bytes(data).startswith(b'{"iteration": 3'): self.f.write(bytes(data)[:12]); raise OSError(28, 'No space left on device')
+            return self.f.write(data)
+    real_init = T._Logger.__init__
+    def init(self, *a, **k): real_init(self, *a, **k); self.f = Full(self.f)
+    monkeypatch.setattr(T._Logger, '__init__', init)
+    with pytest.raises(SystemExit) as e: T.main([*ARGS, '--data-root', toy, '--out-dir', str(tmp_path / 'm')])
+    assert 'metrics.jsonl (No space left on device)' in str(e.value), str(e.value)
+    rows = [json.loads(l) for l in (tmp_path / 'm' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['iteration'] for r in rows] == [1, 2]
+
+
+def test_resume_with_another_process_count_is_one_line(toy, tmp_path):
+    from weclip.checkpoint import save_checkpoint
+    from weclip.train import main
+    out = tmp_path / 'n'
+    first = run(*ARGS, '--data-root', toy, '--out-dir', str(out), '--iters', '2', '--eval-every', '2')
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(out / 'last.pt', weights_only=True)
+    state['rng'] = state['rng'] * 2                                  # as a 2-process torchrun writes it
+    save_checkpoint(state, out / 'last.pt')
+    with pytest.raises(SystemExit) as e: main([*ARGS, '--data-root', toy, '--out-dir', str(out), '--iters', '2',
+                                               '--eval-every', '2', '--resume'])
+    assert f"{out / 'last.pt'} was written by 2 process(es), this run has 1: resume with the same --nproc_per_node" in str(e.value)
+
+
+def test_label_file_with_another_class_count_names_the_file(tmp_path):
+    """--preset coco on a root whose label file lists 3 classes: one line naming the file and the option, no CAM error."""
+    from weclip.data import make_tiny_dataset
+    from weclip.train import main
+    root = make_tiny_dataset(tmp_path / 'coco3', 'coco', n_train=2, n_val=1, classes=['cat', 'dog', 'tree'])
+    with pytest.raises(SystemExit) as e:
+        main([*ARGS, '--preset', 'coco', '--data-root', str(root), '--out-dir', str(tmp_path / 'never'), '--crop-size', '64'])
+    label_file = root / 'ImageSets' / 'Segmentation' / 'cls_labels.json'
+    assert str(e.value) == (f"error: The label file {label_file} lists 3 classes, but --dataset coco prompts 80: pass the "
+                            f"--preset (or --dataset) that {root} was prepared for, or rebuild its label file with "
+                            "data_scripts/prepare_coco.py."), str(e.value)
+    assert not (tmp_path / 'never').exists()

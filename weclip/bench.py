@@ -5,6 +5,7 @@
 # %% ../nbs/12_bench.ipynb #de59e520
 from __future__ import annotations
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time, warnings
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
 import torch, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP, load_clip, TINY_CLIP

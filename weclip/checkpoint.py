@@ -8,11 +8,13 @@ import os, random, signal, socket
 from pathlib import Path
 import numpy as np
 import torch
-from .config import TrainConfig
+from .config import TrainConfig, CHANGEABLE
+from .data import atomic_write
 
 # %% auto #0
-__all__ = ['RUN_FIELDS', 'nonfinite_tensors', 'save_checkpoint', 'load_checkpoint', 'check_resume_config', 'rng_state',
-           'set_rng_state', 'RunFolderBusy', 'RunLock']
+__all__ = ['MAX_WEIGHT', 'RUN_FIELDS', 'nonfinite_tensors', 'blown_up_tensors', 'diverged_advice', 'save_checkpoint',
+           'load_checkpoint', 'check_weclip_checkpoint', 'check_resume_config', 'rng_state', 'set_rng_state',
+           'RunFolderBusy', 'RunLock']
 
 # %% ../nbs/09b_checkpoint.ipynb #f61a35a9
 _saves = 0
@@ -26,32 +28,43 @@ def nonfinite_tensors(state_dict: dict) -> list[str]:
     "Names of the floating-point tensors of `state_dict` that hold a NaN or an infinity."
     return [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
+MAX_WEIGHT = 1e4  # a decoder weight beyond this in magnitude has blown up (trained decoders stay below 10)
+
+def blown_up_tensors(state_dict: dict, bound: float = MAX_WEIGHT) -> list[tuple[str, float]]:
+    "(name, max |w|) of the floating-point tensors of `state_dict` that hold a value beyond `bound` in magnitude (finite or not)."
+    out = []
+    for k, v in state_dict.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            m = float(v.detach().abs().max().nan_to_num(nan=float('inf')))
+            if m > bound: out.append((k, m))
+    return out
+
+def diverged_advice(folder) -> str:
+    "What to do after a diverged step: resume the last good last.pt with a lower --lr, or start again when there is none."
+    last = Path(folder) / 'last.pt'
+    if last.exists(): return (f"lower the learning rate and continue from the last good {last}: the same command with "
+                              "--resume --allow-change lr --lr SMALLER (or check the data)")
+    return ("there is no good checkpoint to resume yet: run the same command again with a smaller --lr (or check the "
+            "data)")
+
 def save_checkpoint(state: dict, path) -> Path:
-    "Write `state` to `path` atomically (temporary file in the same folder, fsync, rename); refuse non-finite weights."
+    "Write `state` to `path` atomically (`atomic_write`: temporary file in the same folder, fsync, rename); refuse non-finite or blown-up weights."
     path = Path(path)
     kept = f'the previous {path.name} is untouched' if path.exists() else f'no {path.name} was written'
-    bad = nonfinite_tensors(state.get('model', {}))
+    model = state.get('model', {})
+    bad = nonfinite_tensors(model)
     if bad:
-        raise FloatingPointError(f"Not writing {path}: {len(bad)} of {len(state['model'])} decoder tensors hold NaN or "
-                                 f"inf (first: {bad[0]}); {kept}. The step diverged: lower --lr or check the data, then --resume continues "
-                                 "from the last good last.pt.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        _fault_injection(path)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:   # disk full (torch says "unexpected pos"), quota, permissions
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
-        raise OSError(f"Could not write the checkpoint {path} ({why}); {kept}. Free disk space or choose another "
-                      "--out-dir, then run the same command with --resume.") from None
-    finally:
-        if tmp.exists(): tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try: os.fsync(dfd)
-    finally: os.close(dfd)
-    return path
+        raise FloatingPointError(f"Not writing {path}: {len(bad)} of {len(model)} decoder tensors hold NaN or "
+                                 f"inf (first: {bad[0]}); {kept}. The step diverged: {diverged_advice(path.parent)}.")
+    big = blown_up_tensors(model)
+    if big:
+        raise FloatingPointError(f"Not writing {path}: {len(big)} of {len(model)} decoder tensors have blown up (max |w| "
+                                 f"{max(m for _, m in big):.3g} in {big[0][0]}, beyond {MAX_WEIGHT:g}); {kept}. The "
+                                 f"step diverged: {diverged_advice(path.parent)}.")
+    again = ('then run the same command with --resume' if (path.parent / 'last.pt').exists() else
+             'then run the same command again (there is no last.pt to resume yet)')
+    return atomic_write(path, lambda f: torch.save(state, f), what='the checkpoint ', sync=True,
+                        fix=f'Free disk space or choose another --out-dir, {again}.', before_rename=_fault_injection)
 
 def load_checkpoint(path, map_location='cpu',
                     missing: str = 'Start without --resume, or point --out-dir at the run to resume.', # advice
@@ -64,11 +77,32 @@ def load_checkpoint(path, map_location='cpu',
     except Exception as e:
         raise ValueError(f"Checkpoint {path} is unreadable ({type(e).__name__}); it is not a weclip checkpoint or "
                          f"it was damaged after writing. {damaged}") from None
-    bad = nonfinite_tensors(state.get('model', {})) if isinstance(state, dict) else []
+    model = state.get('model') if isinstance(state, dict) else None
+    bad = nonfinite_tensors(model) if isinstance(model, dict) else []
     if bad:
         raise ValueError(f"Checkpoint {path} holds NaN or inf in {len(bad)} of {len(state['model'])} decoder tensors "
                          f"(first: {bad[0]}): it comes from a run that diverged. {damaged}")
+    big = blown_up_tensors(model) if isinstance(model, dict) else []
+    if big:
+        raise ValueError(f"Checkpoint {path} holds decoder weights that have blown up (max |w| "
+                         f"{max(m for _, m in big):.3g} in {big[0][0]}, beyond {MAX_WEIGHT:g}): it comes from a run "
+                         f"that diverged. {damaged}")
     return state
+
+def check_weclip_checkpoint(state, path, keys=('model', 'config'), # what the caller reads
+                            fix: str = "pass the last.pt or best.pt that `python -m weclip.train` wrote") -> dict:
+    "`state` if it is a checkpoint `python -m weclip.train` wrote (a dict with `keys`, decoder tensors, a run's configuration); one clear error otherwise."
+    what = type(state).__name__
+    if isinstance(state, dict):
+        missing = [k for k in keys if k not in state]
+        model, cfg = state.get('model'), state.get('config')
+        if missing: what = f"a dict without {', '.join(repr(k) for k in missing)}"
+        elif not isinstance(model, dict) or not model or not all(torch.is_tensor(v) for v in model.values()):
+            what = "a dict whose 'model' is not a dict of decoder tensors"
+        elif not isinstance(cfg, dict) or not {'preset', 'dataset', 'model'} <= set(cfg):
+            what = "a dict whose 'config' is not a weclip run's configuration"
+        else: return state
+    raise ValueError(f"{path} is not a weclip training checkpoint (it holds {what}): {fix}.")
 
 # %% ../nbs/09b_checkpoint.ipynb #65499075
 RUN_FIELDS = ('preset', 'variant', 'numerics', 'dataset', 'train_split', 'model', 'weights', 'iters', 'batch_size', 'lr',
@@ -77,12 +111,16 @@ RUN_FIELDS = ('preset', 'variant', 'numerics', 'dataset', 'train_split', 'model'
               'rfm_power', 'aff_weight', 'aff_radius', 'rfm', 'supervision', 'seed')
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path):
-    "Refuse to resume a checkpoint written under different training settings (logging and paths may differ)."
+    "Refuse to resume a checkpoint written under different training settings (logging and paths may differ; the fields `cfg.allow_change` names may too)."
+    allowed = {a.strip() for a in str(getattr(cfg, 'allow_change', '') or '').split(',') if a.strip()}
     base = {k: TrainConfig.__dataclass_fields__[k].default for k in RUN_FIELDS}   # fields newer than the checkpoint
-    diff = {k: (saved.get(k, base[k]), getattr(cfg, k)) for k in RUN_FIELDS if saved.get(k, base[k]) != getattr(cfg, k)}
+    diff = {k: (saved.get(k, base[k]), getattr(cfg, k)) for k in RUN_FIELDS
+            if saved.get(k, base[k]) != getattr(cfg, k) and k not in allowed}
     if diff:
+        may = [k for k in diff if k in CHANGEABLE]
         raise ValueError(f"Checkpoint {path} was written by a run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}). "
-                         "Resume with the same options, or start a new run in another --out-dir.")
+                         "Resume with the same options" + (f" (or change {', '.join(may)} on purpose: --allow-change {','.join(may)})" if may else '')
+                         + ", or start a new run in another --out-dir.")
 
 # %% ../nbs/09b_checkpoint.ipynb #61ec171c
 def rng_state(device: torch.device) -> dict:
@@ -114,7 +152,8 @@ def _alive(pid: int) -> bool:
 
 class RunLock:
     "A run's claim on its folder: `OUT/.lock` holds the owner's host and pid; a second live run there is refused."
-    def __init__(self, out_dir): self.path, self.me = Path(out_dir) / '.lock', f'{socket.gethostname()} {os.getpid()}'
+    def __init__(self, out_dir, option: str = '--out-dir'): # the option that names the folder (predict: --out)
+        self.path, self.me, self.option = Path(out_dir) / '.lock', f'{socket.gethostname()} {os.getpid()}', option
     def owner(self) -> tuple[str, int]:
         try: host, pid = self.path.read_text().split()
         except (OSError, ValueError): return '', -1
@@ -128,10 +167,10 @@ class RunLock:
                     self.path.unlink(missing_ok=True); continue
                 if (host, pid) == (socket.gethostname(), os.getpid()): return self
                 raise RunFolderBusy(f"{self.path.parent} is in use by another run (pid {pid} on {host}): choose another "
-                                    f"--out-dir, or wait for that run to end. If it is not running, delete {self.path}.") from None
+                                    f"{self.option}, or wait for that run to end. If it is not running, delete {self.path}.") from None
             with os.fdopen(fd, 'w') as f: f.write(self.me)
             return self
-        raise RunFolderBusy(f"Could not claim {self.path.parent}: another run keeps taking it. Choose another --out-dir.")
+        raise RunFolderBusy(f"Could not claim {self.path.parent}: another run keeps taking it. Choose another {self.option}.")
     def release(self):
         if self.owner() == (socket.gethostname(), os.getpid()): self.path.unlink(missing_ok=True)
     def __enter__(self): return self.acquire()

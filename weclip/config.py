@@ -4,15 +4,15 @@
 
 # %% ../nbs/09_config.ipynb #42778ff4
 from __future__ import annotations
-import argparse, dataclasses, inspect, json, os, re, zlib
+import argparse, dataclasses, inspect, json, math, os, re, zlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['TOY_WORLD', 'PRESETS', 'PAPER', 'FOLDER_STAMP', 'CUSTOM_HELP', 'cache_dir', 'toy_world_dir', 'TrainConfig',
-           'make_config', 'check_config', 'config_origins', 'describe_config', 'resolve_device', 'preset_of',
-           'config_parser', 'parse_config', 'config_from_dict']
+__all__ = ['TOY_WORLD', 'PRESETS', 'PAPER', 'CHANGEABLE', 'MAX_SCALE', 'FOLDER_STAMP', 'CUSTOM_HELP', 'cache_dir',
+           'toy_world_dir', 'TrainConfig', 'make_config', 'check_config', 'config_origins', 'describe_config',
+           'resolve_device', 'preset_of', 'config_parser', 'parse_config', 'config_from_dict']
 
 # %% ../nbs/09_config.ipynb #22d7c7b7
 def cache_dir() -> Path:
@@ -73,7 +73,8 @@ class TrainConfig:
     ckpt_every: int = 500            # iterations between writes of last.pt
     eval_images: int = 0             # val images per periodic evaluation (0: all)
     pseudo_images: int = 100         # train images whose CAM and pseudo labels are scored at each evaluation (0: off)
-    resume: bool = False             # continue from out_dir/last.pt
+    resume: bool | str = False       # continue from out_dir/last.pt; --resume auto: continue if it exists, else start (for requeued jobs)
+    allow_change: str = ''           # on --resume, settings that may differ from the checkpoint's, on purpose: lr, decoder_lr_mult, weight_decay (comma-separated)
     report: bool = False             # after training: initial CAM, pseudo labels, seg, seg+CRF on val, as a table
     background: str = ''             # custom: comma-separated background words (default: VOC's 25 minus the class names)
     prompts: str = ''                # custom: file of 'class: words CLIP should read' lines (default: DATA_ROOT/prompts.txt if there)
@@ -128,6 +129,41 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     need(0 <= cfg.box_threshold < 1, 'box_threshold', 'it must lie in [0, 1)')
     need(cfg.aff_weight >= 0, 'aff_weight', 'it must not be negative')
     need(0 < cfg.scale_min <= cfg.scale_max, 'scale_min', f'need 0 < scale_min <= scale_max ({cfg.scale_max})')
+    return _check_more(cfg, need)
+
+CHANGEABLE = ('lr', 'decoder_lr_mult', 'weight_decay')  # the settings `--allow-change` lets a resume change
+MAX_SCALE = 8.0  # the largest random rescale: beyond it the crop sees a few pixels of a huge picture
+
+def _vision(model: str):
+    "(patch size, blocks) of an open_clip model name's vision tower; None where the name is not known here."
+    try:
+        import open_clip, weclip.backbone   # weclip.backbone registers the tiny CLIP
+        v = open_clip.get_model_config(model)['vision_cfg']
+        p = v['patch_size']
+        return (p if isinstance(p, int) else p[0]), int(v['layers'])
+    except Exception: return None
+
+def _check_more(cfg: TrainConfig, need) -> TrainConfig:
+    "The checks every numeric option needs beyond its sign: finite, in the schedule's and the model's range."
+    for f in ('lr', 'decoder_lr_mult', 'weight_decay', 'warmup_ratio', 'poly_power', 'scale_min', 'scale_max',
+              'box_threshold', 'aff_weight'):
+        need(isinstance(getattr(cfg, f), (int, float)) and math.isfinite(getattr(cfg, f)), f, 'it must be a finite number')
+    need(cfg.poly_power >= 0, 'poly_power', 'it must not be negative (0: a constant learning rate after the warm-up)')
+    need(cfg.decoder_dim % 8 == 0, 'decoder_dim', 'the decoder has 8 attention heads: use a multiple of 8 such as 256')
+    need(cfg.seed < 2 ** 32, 'seed', 'it must be below 2**32 (NumPy seeds with 32 bits)')
+    need(cfg.scale_max <= MAX_SCALE, 'scale_max', f'it must be at most {MAX_SCALE:g}')
+    vision = _vision(cfg.model)
+    if vision:
+        p, blocks = vision
+        ok = max(p, round(cfg.crop_size / p) * p)
+        need(cfg.crop_size >= p and cfg.crop_size % p == 0, 'crop_size', f'the crop must be a whole number of {p}-pixel '
+             f'patches of {cfg.model}: use --crop-size {ok} (or another multiple of {p})')
+        for f in ('decoder_blocks', 'rfm_layers'):
+            need(getattr(cfg, f) <= blocks, f, f'{cfg.model} has {blocks} blocks: use at most {blocks}')
+    need(cfg.resume in (True, False, 'auto'), 'resume', 'use --resume, --resume auto, or leave it out')
+    asked = [a.strip() for a in str(cfg.allow_change or '').split(',') if a.strip()]
+    need(all(a in CHANGEABLE for a in asked), 'allow_change', f"use a comma-separated list of {', '.join(CHANGEABLE)}")
+    need(not asked or cfg.resume, 'allow_change', 'it only applies to a resume: add --resume (or --resume auto)')
     return cfg
 
 # %% ../nbs/09_config.ipynb #fd3c47eb
@@ -211,6 +247,9 @@ def config_parser() -> argparse.ArgumentParser:
         if f.name == 'preset':
             ap.add_argument(opt, choices=list(PRESETS), default=None, help='preset values, before overrides (default: '
                             'custom when --data-root is a folder prepared by data_scripts/prepare_folder.py, else toy)')
+        elif f.name == 'resume':          # --resume, --resume auto (checked by `check_config`), --no-resume
+            ap.add_argument(opt, nargs='?', const=True, default=None, metavar='auto', help=what)
+            ap.add_argument('--no-resume', dest='resume', action='store_false', default=None, help='start a new run')
         elif f.type in (bool, 'bool'):   # None when not given, so that the preset's value stands
             ap.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=what)
         else:

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
 __all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette',
-           'write_mask', 'to_rgb', 'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file',
-           'normalize', 'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
-           'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
+           'WriteError', 'atomic_write', 'write_text', 'write_mask', 'to_rgb', 'cap_long_side', 'read_image',
+           'read_mask', 'write_label_file', 'read_label_file', 'normalize', 'denormalize', 'random_crop',
+           'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader',
+           'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
 from .prompts import VOC_CLASSES  # the 20 VOC names, in mask order (one list for the kit)
@@ -48,12 +49,45 @@ def voc_palette(n:int=256) -> list[int]:
         pal += [r, g, b]
     return pal
 
-def write_mask(path, mask:np.ndarray):
-    "Save a (H,W) uint8 class-index mask as a VOC palette PNG, through a temporary name then a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+class WriteError(OSError):
+    "A file could not be written (a full disk, a quota, permissions); the message names it, what was kept and the fix."
+
+def atomic_write(path, write, # `write(f)` fills `f`, the temporary file opened for binary writing
+                 fix:str='Free disk space, or write elsewhere.', # the advice when the write fails
+                 what:str='', # words before the path in the message ('the checkpoint ')
+                 sync:bool=False, # fsync the file and its folder (checkpoints: durable across a power cut)
+                 before_rename=None, # called between the write and the rename (tests: a kill there)
+                ) -> Path:
+    "Write `path` through a temporary name in its folder and a rename: a failed or interrupted write (a full disk) never leaves a broken file under `path`'s name and keeps the previous one; a `WriteError` names the path and `fix`."
+    path = Path(path)
+    kept = f'the previous {path.name} is untouched' if path.exists() else f'no {path.name} was written'
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            write(f); f.flush()
+            if sync: os.fsync(f.fileno())
+        if before_rename: before_rename(path)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # ENOSPC, quota, permissions (torch.save says "unexpected pos" on a full disk)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _one(e)[:200] or type(e).__name__
+        raise WriteError(f"Could not write {what}{path} ({why}); {kept}. {fix}") from None
+    finally:
+        if tmp.exists(): tmp.unlink()
+    if sync:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(dfd)
+        finally: os.close(dfd)
+    return path
+
+def write_text(path, text:str, fix:str='Free disk space, or write elsewhere.') -> Path:
+    "`atomic_write` of a UTF-8 text file (results.json, config.json)."
+    return atomic_write(path, lambda f: f.write(text.encode()), fix)
+
+def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose another output folder.'):
+    "Save a (H,W) uint8 class-index mask as a VOC palette PNG, through a temporary name then a rename (`atomic_write`)."
     im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(voc_palette())
-    tmp = path.with_name(f'.{path.name}.tmp')
-    im.save(tmp, format='PNG'); os.replace(tmp, path)
+    return atomic_write(path, lambda f: im.save(f, format='PNG'), fix)
 
 # %% ../nbs/06_data.ipynb #3aa1295c
 _FIX_VOC = 'prepare it with data_scripts/prepare_voc.py'
@@ -140,8 +174,7 @@ def write_label_file(path, classes:list[str], labels:dict[str, list[int]]):
     "Write image-level `labels` (name → 0-based class indices, no background) and `classes` as JSON, atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     doc = {'classes': list(classes), 'labels': {n: sorted(int(c) for c in cs) for n, cs in sorted(labels.items())}}
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(doc, separators=(',', ':')).replace('],"', '],\n"')); os.replace(tmp, path)
+    write_text(path, json.dumps(doc, separators=(',', ':')).replace('],"', '],\n"'))
 
 def read_label_file(path) -> tuple[list[str], dict[str, np.ndarray]]:
     "Class names and name → float32 C-vector of image-level labels from a `cls_labels.json` (or official `.npy`)."
@@ -266,6 +299,10 @@ class SegDataset(Dataset):
         if not self.names:
             raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
                                f'Fix: write one image name per line into it, or {fix}.')
+        seen = set(); twice = sorted({n for n in self.names if n in seen or seen.add(n)})
+        if twice:   # an image listed twice would count twice in every mIoU
+            raise DatasetError(f'split file {split_file} lists {len(twice)} image(s) more than once (e.g. {twice[:3]}). '
+                               'Fix: keep one line per image (sort -u the file).')
         self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
         self.is_test = split == 'test'                                      # VOC test: images only
         if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)

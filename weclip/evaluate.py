@@ -4,20 +4,20 @@
 
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
-import argparse, collections, dataclasses, importlib, itertools, json, multiprocessing, os, sys, time
+import argparse, collections, dataclasses, importlib, itertools, json, math, multiprocessing, os, sys, time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .data import (IGNORE, VOC, COCO, COCO_CATEGORIES, EvalTransform, DatasetError, collate, read_label_file,
-                         write_mask, denormalize, one_line)
+from .data import (IGNORE, MIN_SIDE, VOC, COCO, COCO_CATEGORIES, EvalTransform, DatasetError, collate, read_label_file,
+                         write_mask, denormalize, one_line, write_text)
 from .prompts import VOC_CLASSES
 from .toy import SHAPES
 from .cam import initial_cam
 from .model import WeCLIP
 from .config import TrainConfig, config_from_dict, resolve_device
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, check_weclip_checkpoint, RunLock
 from .metrics import confusion, miou, seg_metrics, iou_table
 
 # %% auto #0
@@ -26,7 +26,7 @@ __all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_D
            'to_uint8', 'crf_labels', 'available_cores', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels',
            'pseudo_labels_of', 'EvalError', 'predict_sample', 'progress_iter', 'evaluate_dataset', 'val_miou',
            'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
-           'run_evaluation', 'evaluate_cli']
+           'check_inference_args', 'check_long_side', 'check_root_classes', 'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -329,7 +329,11 @@ def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu') -
     conf = dict(cam=torch.zeros(K, K, dtype=torch.long), pseudo=torch.zeros(K, K, dtype=torch.long))
     for i in range(len(dataset)):
         s = collate([dataset[i]])
-        M_p, cam = pseudo_labels_of(model, s['image'].to(device), s['labels'], iteration=iteration, with_cam=True)
+        H, W = s['image'].shape[-2:]                      # a huge training picture runs capped, as val and evaluate do
+        x = resize_long(s['image'], inference_long_side(model, (H, W)))
+        M_p, cam = pseudo_labels_of(model, x.to(device), s['labels'], iteration=iteration, with_cam=True)
+        if x.shape[-2:] != (H, W):                       # scored at the masks' own size
+            M_p, cam = (F.interpolate(m[:, None].float(), size=(H, W), mode='nearest')[:, 0].long() for m in (M_p, cam))
         conf['pseudo'] += confusion(M_p[0].cpu(), s['mask'][0], K)
         conf['cam'] += confusion(cam[0].cpu(), s['mask'][0], K)
     (cam, _), (pseudo, iou) = miou(conf['cam']), miou(conf['pseudo'])
@@ -351,9 +355,8 @@ def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.
     "The trained WeCLIP of a checkpoint in eval mode, its `TrainConfig` and the class names (background first)."
     state = load_checkpoint(checkpoint, missing='Pass --checkpoint the last.pt or best.pt in the --out-dir of a '
                             '`python -m weclip.train` run.', damaged='Pass another checkpoint of the run (best.pt or last.pt).')
-    if not isinstance(state, dict) or not {'model', 'config'} <= set(state):
-        raise EvalError(f"{checkpoint} is not a weclip training checkpoint (it has no 'model' and 'config'): pass the "
-                        "last.pt or best.pt that `python -m weclip.train` wrote.")
+    try: check_weclip_checkpoint(state, checkpoint)
+    except ValueError as e: raise EvalError(str(e)) from None
     device = resolve_device(device or 'auto')
     cfg = config_from_dict(state['config'], device=str(device), **({'data_root': str(data_root)} if data_root else {}),
                            **({'weights': str(weights)} if weights else {}))
@@ -406,8 +409,38 @@ def evaluate_parser() -> argparse.ArgumentParser:
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     return ap
 
+def check_inference_args(a: argparse.Namespace):
+    "One `EvalError` line for the first numeric option of evaluate or predict out of range (before any work)."
+    if not all(math.isfinite(s) and s > 0 for s in a.scales):
+        raise EvalError(f"--scales {' '.join(map(str, a.scales))}: every scale must be a positive finite factor, such as 0.75 1.0.")
+    if a.crf_workers < 0: raise EvalError(f"--crf-workers {a.crf_workers} is negative: use 0 (every core) or a number of processes.")
+    if a.resize_long is not None and a.resize_long < 0:
+        raise EvalError(f"--resize-long {a.resize_long} is negative: use 0 (each image at its own size) or a long side in "
+                        "pixels such as 512 (the official one), or leave it out.")
+    if getattr(a, 'max_images', 0) < 0:
+        raise EvalError(f"--max-images {a.max_images} is negative: use 0 (every image of the split) or a number of images.")
+    if getattr(a, 'max_side', 0) and a.max_side < MIN_SIDE:
+        raise EvalError(f"--max-side {a.max_side} is below {MIN_SIDE} pixels: use 0 (full size) or at least {MIN_SIDE} "
+                        "(default 2048).")
+
+def check_long_side(model, long_side: int | None):
+    "A long side of at least one patch of `model` (0 or None: the images' own size); one `EvalError` line otherwise."
+    p = model.backbone.patch_size
+    if long_side and long_side < p:
+        raise EvalError(f"--resize-long {long_side} is below one {p}-pixel patch of this model: use 0 (each image at its "
+                        f"own size) or at least {p} (the official 512).")
+
+def check_root_classes(checkpoint, names: list[str], ds):
+    "Refuse a split whose label file lists other classes than the model's (background first in `names`)."
+    if ds.classes is None or list(ds.classes) == list(names[1:]): return
+    diff = next(f'{a!r} there, {b!r} here' for a, b in itertools.zip_longest(names[1:], ds.classes) if a != b)
+    raise EvalError(f"{checkpoint} was trained on other classes than {ds.root} has ({len(names) - 1} there, {len(ds.classes)} "
+                    f"in its label file {ds.label_file}; first difference: {diff}): pass --data-root the dataset it was "
+                    "trained on (or a checkpoint trained on this one).")
+
 def run_evaluation(a: argparse.Namespace) -> dict:
     "Do what the parsed evaluate command line asks; return the results written to OUT/results.json."
+    check_inference_args(a)
     if a.split == 'test' and a.source != 'seg': raise EvalError(_NO_LABELS.format(source=a.source))
     if a.crf and a.source != 'seg': raise EvalError("--crf refines the segmentation only: drop --crf, or use --source seg.")
     if a.crf: require_crf()
@@ -419,14 +452,17 @@ def run_evaluation(a: argparse.Namespace) -> dict:
                         "or prepare the folder again with --masks for some pictures.")
     ds = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, split, transform=EvalTransform(norm=cfg.norm),
                                                   with_masks=None if split == 'test' else True)
+    check_root_classes(a.checkpoint, names, ds)      # the root's own label file, not the preset's names
     long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
+    check_long_side(model, long_side)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval-{split}-{a.source}{'-crf' if a.crf else ''}"
-    ev = evaluate_dataset(model, ds, names, a.source, a.scales, a.flip, a.crf, long_side, out, a.max_images,
-                          cfg.norm, progress=not a.quiet, crf_workers=a.crf_workers)
-    doc = dict(checkpoint=str(a.checkpoint), out=str(out), split=split, source=a.source, scales=a.scales, flip=a.flip, crf=a.crf,
-               resize_long=long_side, device=str(cfg.device), crf_workers=a.crf_workers, **ev)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'results.json').write_text(json.dumps(doc, indent=1))
+    with RunLock(out, '--out'):                       # two evaluations never mix their predictions in one folder
+        ev = evaluate_dataset(model, ds, names, a.source, a.scales, a.flip, a.crf, long_side, out, a.max_images,
+                              cfg.norm, progress=not a.quiet, crf_workers=a.crf_workers)
+        doc = dict(checkpoint=str(a.checkpoint), out=str(out), split=split, source=a.source, scales=a.scales, flip=a.flip, crf=a.crf,
+                   resize_long=long_side, device=str(cfg.device), crf_workers=a.crf_workers, **ev)
+        write_text(out / 'results.json', json.dumps(doc, indent=1), 'Free disk space, or choose another --out.')
     return doc
 
 def evaluate_cli(argv=None):

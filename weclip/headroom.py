@@ -230,7 +230,9 @@ def main(argv=None):
     print(headroom_table(res))
     if a.json:
         rows = [dict(method=m, alpha=al, **v) for (m, al), v in res['rows'].items()]
-        with open(a.json, 'w') as f: json.dump(res | dict(rows=rows), f, indent=1)
+        from weclip.data import write_text   # temporary name + rename; a full disk names the file
+        try: write_text(a.json, json.dumps(res | dict(rows=rows), indent=1), 'Free disk space, or choose another --json.')
+        except OSError as e: sys.exit(f'error: {e}')
     return res
 
 # %% ../nbs/07c_headroom.ipynb #9b9e36a5

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from .data import write_mask, voc_palette, normalize, read_image, one_line
+from .data import write_mask, voc_palette, normalize, read_image, one_line, atomic_write
+from .checkpoint import RunLock
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
-                             add_inference_options, EvalError, require_crf, CRFPool, progress_iter)
+                             add_inference_options, EvalError, require_crf, CRFPool, progress_iter,
+                             check_inference_args, check_long_side)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'legend_strip', 'overlay', 'predict_images',
@@ -113,8 +115,10 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
     done = []
     def finish(p, rgb, mask, mask_path, overlay_path):   # the CRF's labels may still be computing in a worker
         mask = mask.result() if isinstance(mask, Future) else mask
-        write_mask(mask_path, mask)
-        Image.fromarray(overlay(rgb, mask, names=names)).save(overlay_path, quality=90)
+        fix = 'Free disk space, or choose another --out.'
+        write_mask(mask_path, mask, fix)
+        pic = Image.fromarray(overlay(rgb, mask, names=names))
+        atomic_write(overlay_path, lambda f: pic.save(f, format='JPEG', quality=90), fix)
         done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
                          classes=sorted(int(c) for c in np.unique(mask))))
     with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
@@ -140,17 +144,25 @@ def predict_cli(argv=None):
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     a = ap.parse_args(argv)
     try:
+        check_inference_args(a)
         paths = find_images(a.images, out_dir=a.out)
         output_paths(paths, a.out)                          # before loading the model: a wrong --out fails at once
         if a.crf: require_crf()
         model, cfg, names = load_model(a.checkpoint, device=a.device, weights=a.weights)
         long_side = default_long_side(cfg.dataset) if a.resize_long is None else a.resize_long
+        check_long_side(model, long_side)
         print(f"{a.checkpoint} knows {len(names) - 1} classes and background: {', '.join(names[1:])}" +
               ('. It was trained on the toy world: on other pictures it still answers with one of these shapes.'
                if cfg.dataset == 'toy' else '.'))
         t = time.perf_counter()
-        done = predict_images(model, paths, a.out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
-                              a.max_side or None, a.crf_workers, names)
+        out = Path(a.out); created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with RunLock(out, '--out'):                 # two runs never mix their masks in one folder
+                done = predict_images(model, paths, out, a.scales, a.flip, a.crf, long_side, cfg.norm, not a.quiet,
+                                      a.max_side or None, a.crf_workers, names)
+        finally:
+            if created and not any(out.iterdir()): out.rmdir()   # failed before writing: no empty folder left
     except (ValueError, FileNotFoundError, OSError) as e: sys.exit(f'error: {one_line(e)}')
     for d in done: print(f"{d['image']}: {', '.join(names[c] for c in d['classes'])} -> {d['mask']}, {d['overlay']}")
     print(f'{len(done)} images in {time.perf_counter() - t:.1f}s; masks and overlays in {a.out}')

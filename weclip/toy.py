@@ -363,12 +363,15 @@ def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, 
     return fig
 
 # %% ../nbs/07_toyworld.ipynb #9a3d03e7
+_FIX_FULL = 'Free disk space, or write the toy world elsewhere ($WECLIP_CACHE for the cached one, --out for python -m weclip.toy).'
+
 def _save_jpeg(path, image):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    Image.fromarray(image).save(tmp, format='JPEG', quality=95, subsampling=0); os.replace(tmp, path)
+    from weclip.data import atomic_write   # temporary name + rename; a full disk names the file
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format='JPEG', quality=95, subsampling=0), _FIX_FULL)
 
 def _write_json(path, obj):
-    tmp = path.with_name(f'.{path.name}.tmp'); tmp.write_text(json.dumps(obj, indent=0)); os.replace(tmp, path)
+    from weclip.data import write_text   # here, not at the top: weclip.data imports torch
+    write_text(path, json.dumps(obj, indent=0), _FIX_FULL)
 
 def write_toy_dataset(root, # dataset folder (created)
                       n_train:int, # training images: splits train and train_aug
@@ -395,7 +398,7 @@ def write_toy_dataset(root, # dataset folder (created)
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from weclip.data import write_mask, write_label_file  # here, not at the top: it imports torch (2.6 s measured)
+    from weclip.data import write_mask, write_label_file, write_text as _write_text  # here, not at the top: it imports torch (2.6 s measured)
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not (progress and sys.stderr.isatty()))  # no bar in a batch log
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):
@@ -407,12 +410,12 @@ def write_toy_dataset(root, # dataset folder (created)
             files = [root / 'JPEGImages' / f'{name}.jpg'] + [root / d / f'{name}.png'
                                                               for d in ('SegmentationClass', 'SegmentationClassAug')]
             if not all(f.exists() for f in files):
-                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask); write_mask(files[2], s.mask)
+                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL); write_mask(files[2], s.mask, _FIX_FULL)
             bar.update()
     bar.close()
     splits['train_aug'] = splits['train']
     for split, names in splits.items():
-        tmp = sets / f'.{split}.txt.tmp'; tmp.write_text(''.join(f'{n}\n' for n in names)); os.replace(tmp, sets / f'{split}.txt')
+        _write_text(sets / f'{split}.txt', ''.join(f'{n}\n' for n in names), _FIX_FULL)
     write_label_file(sets / 'cls_labels.json', cfg.classes, labels)
     _write_json(sets / 'captions.json', captions); _write_json(sets / 'scenes.json', info)
     _write_json(stamp, meta | {'complete': True})
@@ -440,7 +443,7 @@ def main(argv=None):
         cfg = toy_config(a.preset, classes=tuple(c.strip() for c in a.classes.split(',') if c.strip()), **parse_changes(a.set))
         t = time.perf_counter()
         write_toy_dataset(a.out, a.n_train, a.n_val, a.size, a.seed, cfg, progress=not a.quiet)
-    except ToyError as e: sys.exit(f'error: {e}')
+    except (ToyError, OSError) as e: sys.exit(f'error: {e}')   # OSError: a full disk, a folder not writable
     dt = time.perf_counter() - t
     print(f'wrote {a.n_train} train + {a.n_val} val toy scenes ({" ".join([a.preset, *(a.set or [])])}, {a.size}px, seed {a.seed}) to {a.out} '
           f'in {dt:.1f}s ({(a.n_train + a.n_val) / max(dt, 1e-9):.0f} images/s)')

@@ -12,10 +12,12 @@ import torch, torch.nn as nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .config import TrainConfig, PRESETS, TOY_WORLD, toy_world_dir, make_config, parse_config, describe_config, resolve_device
-from .checkpoint import save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state, RunLock
-from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line
+from .checkpoint import (save_checkpoint, load_checkpoint, check_resume_config, rng_state, set_rng_state, RunLock,
+                               check_weclip_checkpoint, diverged_advice)
+from .data import VOC, COCO, TrainTransform, EvalTransform, collate, one_line, write_text, WriteError
 from .toy import write_toy_dataset
 from .model import WeCLIP
+from .prompts import class_names
 from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, evaluate_dataset, iou_table,
                              default_long_side, crf_available)
 from .owndata import custom_datasets, custom_evaluate
@@ -88,7 +90,17 @@ def build_datasets(cfg: TrainConfig):
     if len(train) < cfg.batch_size * int(os.environ.get('WORLD_SIZE', 1)):
         raise ValueError(f"The training split {cfg.train_split!r} of {root} has {len(train)} images, fewer than one batch "
                          f"(batch_size={cfg.batch_size} x {os.environ.get('WORLD_SIZE', 1)} process(es)): lower --batch-size.")
+    _check_class_count(cfg, train)
     return train, val
+
+def _check_class_count(cfg: TrainConfig, train):
+    "VOC and COCO models prompt their preset's class names: the root's label file must list as many classes."
+    if cfg.dataset not in ('voc', 'coco'): return
+    n = len(class_names(cfg.dataset, cfg.variant))
+    if len(train.classes) != n:
+        raise ValueError(f"The label file {train.label_file} lists {len(train.classes)} classes, but --dataset "
+                         f"{cfg.dataset} prompts {n}: pass the --preset (or --dataset) that {cfg.data_root} was prepared "
+                         f"for, or rebuild its label file with data_scripts/prepare_{cfg.dataset}.py.")
 
 # %% ../nbs/11_train.ipynb #0d173b65
 class Progress:
@@ -120,14 +132,22 @@ class Progress:
 # %% ../nbs/11_train.ipynb #7ecf6d4f
 class _Logger:
     "Metrics to a JSON-lines file, and to TensorBoard when it is installed (silently skipped otherwise)."
-    def __init__(self, out: Path):
-        self.f = open(out / 'metrics.jsonl', 'a')
+    def __init__(self, out: Path, fresh: bool = False): # fresh: a new run replaces the rows of one that wrote no checkpoint
+        self.path = out / 'metrics.jsonl'
+        self.f = open(self.path, 'wb' if fresh else 'ab', buffering=0)   # unbuffered: a row is on disk or cut off
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / 'tb'))
         except Exception: self.tb = None
     def __call__(self, it: int, **values):
-        self.f.write(json.dumps(dict(iteration=it, **values)) + '\n'); self.f.flush()
+        row, end = memoryview((json.dumps(dict(iteration=it, **values)) + '\n').encode()), os.fstat(self.f.fileno()).st_size
+        try:
+            while row: row = row[self.f.write(row):]
+        except OSError as e:                       # a full disk: cut the half row off, say which file
+            try: os.ftruncate(self.f.fileno(), end)
+            except OSError: pass
+            raise WriteError(f"Could not write {self.path} ({e.strerror or e}); its rows before iteration {it} are whole. "
+                             "Free disk space or choose another --out-dir, then run the same command with --resume auto.") from None
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, (int, float)): self.tb.add_scalar(k, v, it)
@@ -169,7 +189,7 @@ class _Run:
             self.created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.out).acquire()
-            for t in self.out.glob('.*.pt.tmp-*'): t.unlink()   # half-written checkpoints of a killed run: never read
+            for t in self.out.glob('.*.tmp-*'): t.unlink()   # half-written files of a killed run: never read
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM): self.handlers[s] = signal.signal(s, self._on_signal)
         return self
@@ -179,10 +199,10 @@ class _Run:
     def start(self, it: int):
         "Write config.json (atomically), print the configuration, open the log and the progress display."
         if self.main:
-            tmp = self.out / '.config.json.tmp'
-            tmp.write_text(json.dumps(asdict(self.cfg), indent=1)); os.replace(tmp, self.out / 'config.json')
+            write_text(self.out / 'config.json', json.dumps(asdict(self.cfg), indent=1),
+                       'Free disk space or choose another --out-dir, then run the same command.')
             print(f'Configuration (preset {self.cfg.preset}, variant {self.cfg.variant}):\n' + describe_config(self.cfg))
-            self.log = _Logger(self.out)
+            self.log = _Logger(self.out, fresh=not self.cfg.resume)
         self.progress = Progress(self.cfg.iters, it, self.cfg.log_every, enabled=self.main)
     def step(self, it: int, losses: dict, lr: float, images: int, seconds: float):
         "Record one iteration: every `log_every` iterations (and the last) progress and a metrics row."
@@ -204,6 +224,17 @@ class _Run:
         if self.main and self.created and not any(self.out.iterdir()): self.out.rmdir()   # failed at start: no trace
         if self.world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
+# %% ../nbs/11_train.ipynb #f1a6c3d8
+def _resume_or_start(cfg: TrainConfig, out: Path) -> bool:
+    "Whether this run resumes `out/last.pt`: `--resume` yes, `--resume auto` if it exists; a new run never replaces a run's checkpoints."
+    last = out / 'last.pt'
+    if cfg.resume == 'auto': return last.is_file()
+    if not cfg.resume and last.exists():
+        raise ValueError(f"{out} already holds a run ({last}): continue it with --resume (or --resume auto in a job that "
+                         f"may be requeued), or start a new run with another --out-dir (or delete {out} first to start over).")
+    return bool(cfg.resume)
+
+
 # %% ../nbs/11_train.ipynb #65499075
 def _state(it, best, model, opt, sched, cfg, classes, device, world) -> dict:
     "Everything an exact resume needs. Collective under DDP: every rank calls it (each has its own RNG state)."
@@ -214,7 +245,10 @@ def _state(it, best, model, opt, sched, cfg, classes, device, world) -> dict:
 
 def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) -> tuple[int, float]:
     "Load `path` into the model, optimizer, scheduler and RNGs; the iteration and best mIoU it was written at."
-    state = load_checkpoint(path)                     # on the CPU: RNG states must stay CPU tensors
+    state = load_checkpoint(path, missing='Start without --resume (or use --resume auto), or point --out-dir at the run '
+                            'to resume.')                # on the CPU: RNG states must stay CPU tensors
+    check_weclip_checkpoint(state, path, ('iteration', 'best', 'model', 'optimizer', 'scheduler', 'rng', 'config'),
+                            f'delete it (or move it away) to start a new run in {path.parent}, or choose another --out-dir')
     check_resume_config(state['config'], cfg, path)
     other = ValueError(f"{path} was trained on other classes than {cfg.data_root} has ({len(classes)} here): resume "
                        "with the --data-root it was trained on, or start a new run in another --out-dir.")
@@ -226,8 +260,19 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
     except RuntimeError: raise other from None          # older checkpoints, without their class list
     for saved, g in zip(state['optimizer']['param_groups'], opt.param_groups):   # the update kernel is this device's
         saved.update(fused=g.get('fused'), foreach=g.get('foreach'))   # (fused on a GPU, the loop on a CPU), set before
+    allowed = {a.strip() for a in str(cfg.allow_change or '').split(',')}   # only what --allow-change names
+    asked = {f: f in allowed and getattr(cfg, f) != state['config'].get(f) for f in ('lr', 'decoder_lr_mult', 'weight_decay')}
+    fresh = [dict(initial_lr=g['initial_lr'], weight_decay=g['weight_decay']) for g in opt.param_groups]
     opt.load_state_dict(state['optimizer'])           # loading: it places AdamW's step counts where that kernel needs them
     sched.load_state_dict(state['scheduler']); set_rng_state(state['rng'][rank], device)
+    if any(asked.values()):                           # --allow-change: this command's rates, at the saved schedule point
+        for g, new in zip(opt.param_groups, fresh):
+            if asked['weight_decay']: g['weight_decay'] = new['weight_decay']
+            if asked['lr'] or asked['decoder_lr_mult']: g['initial_lr'] = new['initial_lr']
+        sched.base_lrs = [g['initial_lr'] for g in opt.param_groups]
+        for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas): g['lr'] = base * f(sched.last_epoch)
+        if rank == 0: print('Changed on resume (--allow-change): ' + ', '.join(
+            f"{f} {state['config'].get(f)!r} -> {getattr(cfg, f)!r}" for f, changed in asked.items() if changed))
     if rank == 0: print(f"Resuming {path.parent} at iteration {state['iteration']} (best mIoU so far {state['best']:.4f}).")
     return state['iteration'], state['best']
 
@@ -268,8 +313,8 @@ class LossWatch:
         total = losses['total'].detach()
         if self.eager:
             if not torch.isfinite(total):
-                raise FloatingPointError(f"The loss is {float(total)} at iteration {it + 1}; {self._done()}. Lower --lr, "
-                                         "or check the data and labels of this batch: " + ', '.join(map(str, batch['name'])))
+                raise FloatingPointError(f"The loss is {float(total)} at iteration {it + 1}; {self._done()}. To go on: "
+                                         f"{diverged_advice(self.out)}; the batch: " + ', '.join(map(str, batch['name'])))
             return
         self.flag |= ~torch.isfinite(total)
         if self.since is None: self.since = it + 1
@@ -281,7 +326,7 @@ class LossWatch:
         if int(flag):
             where = f"iteration {it}" if self.since == it else f"iterations {self.since}-{it}"
             raise FloatingPointError(f"The loss was NaN or infinite at {where} (read every --log-every iterations on a "
-                                     f"GPU); {self._done()}. Lower --lr, or check the data and labels of those batches.")
+                                     f"GPU); {self._done()}. To go on: {diverged_advice(self.out)}.")
         self.since = None
 
 # %% ../nbs/11_train.ipynb #2f712e94
@@ -289,6 +334,7 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
     "Train WeCLIP as `cfg` says (resuming from `out_dir/last.pt` with `cfg.resume`), stopping early at `stop_at`."
     rank, world, device = _distributed(cfg)                                             # configuration
     cfg, main_proc, out = dataclasses.replace(cfg, device=str(device)), rank == 0, Path(cfg.out_dir)
+    cfg = dataclasses.replace(cfg, resume=_resume_or_start(cfg, out))
     with _Run(cfg, main_proc, world, device) as run:
         torch.manual_seed(cfg.seed + rank); random.seed(cfg.seed + rank); np.random.seed(cfg.seed + rank)
         train_ds, val_ds = build_datasets(cfg)                                          # data
@@ -349,7 +395,8 @@ def report(out_dir, # a run's folder: its final model (last.pt) is measured
         res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
     doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
                supervision=cfg.supervision, rfm=cfg.rfm, miou={k: v['miou'] for k, v in res.items()}, results=res)
-    (out / 'results.json').write_text(json.dumps(doc, indent=1))
+    write_text(out / 'results.json', json.dumps(doc, indent=1), 'Free disk space, then measure again with '
+               f'python -m weclip.evaluate --checkpoint {ckpt} --out {out / "eval"}.')
     doc['table'] = iou_table(res)
     return doc
 
@@ -368,6 +415,10 @@ def main(argv=None):
                   f"\nMeasure again: python -m weclip.evaluate --checkpoint {out / 'last.pt'} --source seg" + (' --crf' if crf_available() else ''))
     except Interrupted as e:
         print(e, file=sys.stderr); sys.exit(128 + e.signum)
+    except KeyboardInterrupt:   # a second Ctrl-C, also during the first one's save: checkpoints are written whole or not at all
+        last = Path(cfg.out_dir) / 'last.pt' if 'cfg' in locals() else None
+        sys.exit('Stopped at once by a second Ctrl-C' + (f"; {last} is the last complete checkpoint: continue with the "
+                 "same command and --resume." if last is not None and last.exists() else '; no checkpoint was written.'))
     except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e: sys.exit(f"error: {one_line(e)}")
 
 # %% ../nbs/11_train.ipynb #b472b6cd
