@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0                    # seeds the data order, the augmentation and the decoder's initialisation
     device: str = 'auto'             # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     amp: bool = True                 # bf16 autocast on CUDA (ignored on the CPU)
+    dist_timeout: int = 60           # minutes a torchrun process waits at a collective for the others before it fails (a COCO evaluation shard on 2 GPUs takes ~10)
     num_workers: int = 2             # data-loading worker processes (0: load in the training process)
     out_dir: str = 'runs/weclip'     # the run's folder: checkpoints, config.json, metrics.jsonl, results.json
     log_every: int = 10              # iterations between progress lines and metrics.jsonl rows
@@ -112,7 +113,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     need(cfg.supervision in ('weak', 'full'), 'supervision', "use 'weak' (pseudo labels) or 'full' (true masks)")
     need(re.fullmatch(r'auto|cpu|cuda(:\d+)?', str(cfg.device)) is not None, 'device', 'use auto, cpu, cuda or cuda:N')
     for f in ('iters', 'batch_size', 'crop_size', 'decoder_blocks', 'decoder_dim', 'rfm_layers', 'rfm_power', 'log_every',
-              'eval_every', 'ckpt_every', 'aff_radius'):
+              'eval_every', 'ckpt_every', 'aff_radius', 'dist_timeout'):
         need(getattr(cfg, f) >= 1, f, 'it must be at least 1')
     for f in ('warmup_iters', 'rfm_start', 'num_workers', 'eval_images', 'pseudo_images', 'seed'):
         need(getattr(cfg, f) >= 0, f, 'it must not be negative')

@@ -300,15 +300,19 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
 
 # %% ../nbs/10_evaluate.ipynb #0ad3122e
 @torch.no_grad()
-def val_miou(model, dataset, max_images: int = 0, device='cpu') -> dict:
+def val_miou(model, dataset, max_images: int = 0, device='cpu',
+             rank: int = 0, world: int = 1, # this process measures images rank, rank + world, ... (its shard)
+             total=None, # (K,K) confusion of this shard -> the sum over every process (None: one process)
+            ) -> dict:
     "Single-scale mIoU of the segmentation on `dataset` (full-size images, one at a time), the first `max_images` (0: all)."
     K = model.n_classes
     conf = torch.zeros(K, K, dtype=torch.long)
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
+    for i in range(rank, n, world):
         s = collate([dataset[i]])
         logits = infer_logits(model, s['image'].to(device), scales=(1.0,), flip=False)   # the size capped, as everywhere
         conf += confusion(logits.argmax(1)[0].cpu(), s['mask'][0], K)
+    if total is not None: conf = total(conf)
     m, iou = miou(conf)
     return dict(miou=m, iou=iou.tolist(), images=n)
 
@@ -323,15 +327,19 @@ def pseudo_subset(cfg: TrainConfig):
     return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()), None
 
 @torch.no_grad()
-def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu') -> dict:
+def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu',
+                   rank: int = 0, world: int = 1, # this process scores images rank, rank + world, ... (its shard)
+                   total=None, # (2,K,K) confusions of this shard -> the sums over every process (None: one process)
+                  ) -> dict:
     "mIoU of the initial-CAM labels and of the online pseudo labels M_p (RFM as at `iteration`) against `dataset`'s masks."
     K = model.n_classes
     conf = dict(cam=torch.zeros(K, K, dtype=torch.long), pseudo=torch.zeros(K, K, dtype=torch.long))
-    for i in range(len(dataset)):
+    for i in range(rank, len(dataset), world):
         s = collate([dataset[i]])
         M_p, cam = pseudo_labels_of(model, s['image'].to(device), s['labels'], iteration=iteration, with_cam=True)
         conf['pseudo'] += confusion(M_p[0].cpu(), s['mask'][0], K)
         conf['cam'] += confusion(cam[0].cpu(), s['mask'][0], K)
+    if total is not None: conf = dict(zip(('cam', 'pseudo'), total(torch.stack([conf['cam'], conf['pseudo']]))))
     (cam, _), (pseudo, iou) = miou(conf['cam']), miou(conf['pseudo'])
     return dict(cam_miou=cam, pseudo_miou=pseudo, pseudo_iou=iou.tolist())
 
