@@ -147,6 +147,7 @@ def describe_config(cfg: TrainConfig) -> str:
 # %% ../nbs/09_config.ipynb #263a84fe
 def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda:N
                    local_rank: int | None = None, # torchrun's LOCAL_RANK: `cuda` means this GPU (None: read the env)
+                   local_world: int | None = None, # torchrun's LOCAL_WORLD_SIZE, processes on this node (None: read the env)
                   ) -> torch.device:
     "The indexed `torch.device` that `spec` names; a ValueError with one line saying why not."
     s = str(spec).strip().lower()
@@ -158,7 +159,11 @@ def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda
         raise ValueError(f"--device {spec} was asked for but PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
                          f"CUDA build {torch.version.cuda or 'none'}): use --device cpu, or auto.")
     if local_rank is None and 'LOCAL_RANK' in os.environ: local_rank = int(os.environ['LOCAL_RANK'])
-    index = int(m.group(1)) if m.group(1) is not None and local_rank is None else (local_rank or 0)
+    if local_world is None: local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    if m.group(1) is not None and local_world > 1:   # one GPU named for every process of the node: refused, not overridden
+        raise ValueError(f"--device {spec} names one GPU for all {local_world} processes torchrun starts on this node: use "
+                         "--device cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose the GPUs.")
+    index = int(m.group(1)) if m.group(1) is not None else (local_rank or 0)
     n = torch.cuda.device_count()
     if index >= n:
         raise ValueError(f"--device cuda:{index} was asked for but this machine has {n} CUDA GPU(s) (cuda:0"

@@ -376,9 +376,9 @@ def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.
         diff = next(f'{a!r} there, {b!r} here' for a, b in itertools.zip_longest(state['classes'], classes) if a != b)
         raise EvalError(f"{checkpoint} was trained on other classes than {cfg.data_root} has ({len(state['classes'])} "
                         f"there, {len(classes)} here; first difference: {diff}): pass the --data-root it was trained on.")
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):   # a random-weight backbone ('none') comes
-                                              # out as the trainer built it; the caller's generators, CUDA's too, are kept
-        torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):   # a random-weight backbone ('none') comes out as the trainer built it (on the
+        torch.default_generator.manual_seed(cfg.seed)   # CPU, from this generator); the caller's generators are kept and
+                                              # CUDA's are never touched: --device cpu does not initialise CUDA
         model = WeCLIP.from_config(cfg, classes=classes).to(device)
     try: model.load_trainable_state_dict(state['model'])
     except RuntimeError as e:
