@@ -128,3 +128,28 @@ def test_group_sigterm_with_loader_workers(toy, tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         a, b = decoder_weights(tmp_path / 'u'), decoder_weights(out)
         assert all(torch.equal(a[k], b[k]) for k in a), f'trial {trial}: killed at iteration {it}'
+
+
+def test_world_two_code_on_one_process(toy, tmp_path, monkeypatch):
+    """Every line a world of 2 runs (DDP wrapping, object collectives, flag all-reduces, two RNG slots in the checkpoint,
+    resume) on one process: a one-rank gloo group, the trainer told by WORLD_SIZE that there are 2 (it trains rank 0's
+    half of each batch). A GPU machine runs the same harness on NCCL with one GPU."""
+    import torch.distributed as dist
+    from weclip.config import parse_config
+    from weclip.train import train
+    for k, v in dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0').items(): monkeypatch.setenv(k, v)
+    def harness(out, *extra, stop_at=None):
+        dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            cfg = parse_config([*ARGS, '--data-root', toy, '--iters', '4', '--batch-size', '1', '--eval-every', '2',
+                                '--pseudo-images', '2', '--out-dir', str(out), *extra])
+            return train(cfg, stop_at=stop_at)
+        finally:
+            if dist.is_initialized(): dist.destroy_process_group()
+    harness(tmp_path / 'a')
+    state = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 4 and len(state['rng']) == 2 and (tmp_path / 'a' / 'best.pt').is_file()
+    harness(tmp_path / 'b', stop_at=3)                                  # stopped after 3 iterations ...
+    harness(tmp_path / 'b', '--resume')                                 # ... and resumed
+    a, b = decoder_weights(tmp_path / 'a'), decoder_weights(tmp_path / 'b')
+    assert all(torch.equal(a[k], b[k]) for k in a)
