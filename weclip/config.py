@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 0                    # seeds the data order, the augmentation and the decoder's initialisation
     device: str = 'auto'             # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     amp: bool = True                 # bf16 autocast on CUDA (ignored on the CPU)
-    dist_timeout: int = 60           # minutes a torchrun process waits at a collective for the others before it fails (a COCO evaluation shard on 2 GPUs takes ~10)
+    dist_timeout: int = 3600         # seconds a torchrun process waits at a collective for the others before it fails (a COCO evaluation shard on 2 GPUs takes ~10 min)
     num_workers: int = 2             # data-loading worker processes (0: load in the training process)
     out_dir: str = 'runs/weclip'     # the run's folder: checkpoints, config.json, metrics.jsonl, results.json
     log_every: int = 10              # iterations between progress lines and metrics.jsonl rows

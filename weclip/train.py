@@ -141,7 +141,7 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     device = resolve_device(cfg.device)               # under torchrun: the GPU of LOCAL_RANK
     if device.type == 'cuda': torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():       # a collective waits at most dist_timeout for the slowest rank
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(minutes=cfg.dist_timeout))
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(seconds=cfg.dist_timeout))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 class RankFailed(RuntimeError):
