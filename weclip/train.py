@@ -297,6 +297,14 @@ def _loader(train_ds, cfg, it, rank, world, device):
                                        generator=torch.Generator().manual_seed(cfg.seed + it),
                                        worker_init_fn=_worker_ignores_signals if cfg.num_workers else None)
 
+def _batches(loader):
+    """The loader's batches; its workers are stopped whatever ends the loop. They ignore SIGTERM, so they must be: an error
+    raised by the loader keeps its iterator alive in the traceback, and at exit Python would wait for them forever."""
+    it = iter(loader)
+    try: yield from it
+    finally:
+        if hasattr(it, '_shutdown_workers'): it._shutdown_workers()   # torch's own way (what its __del__ calls)
+
 class LossWatch:
     """Stops training at a non-finite loss before it reaches a checkpoint. On the CPU each step's loss is read at once
     (free). On a GPU reading it would make the host wait for the step every iteration, so a flag on the device collects
@@ -351,7 +359,7 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
             _guarded(lambda: main_proc and save_checkpoint(state, out / name), f'writing {name} at iteration {it}',
                      world, device)                   # a failed write stops every rank, not rank 0 alone
         watch, t0 = LossWatch(device, out, world), time.perf_counter()
-        for batch in _loader(train_ds, cfg, it, rank, world, device):
+        for batch in _batches(_loader(train_ds, cfg, it, rank, world, device)):
             model.train()                                                               # step
             with amp: losses = net(batch, iteration=it)
             watch.add(losses, it, batch)
