@@ -169,3 +169,30 @@ def test_a_failing_evaluation_is_agreed(toy, tmp_path, monkeypatch):
     with pytest.raises(RankFailed, match=r'^rank 0 of 2 failed in the evaluation at iteration 2, so every process stops: '
                                          r'ValueError: the val split changed under the run$'):
         one_rank_world_two(monkeypatch, toy, tmp_path / 'e')
+
+
+def test_two_nodes_through_a_rendezvous(toy, tmp_path):
+    """Two `torchrun --nnodes=2 --nproc_per_node=1` launches meet at a c10d rendezvous on 127.0.0.1, as two nodes of a
+    cluster do: they train, rank 0 is killed inside its 2nd checkpoint write, and the same two commands with --resume
+    finish bit-identical to an uninterrupted two-node run."""
+    import socket
+    def nodes(out, *extra, env=None):
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
+               f'--rdzv-endpoint=127.0.0.1:{port}', f'--rdzv-id={out.name}', '-m', 'weclip.train', *ARGS,
+               '--data-root', toy, '--iters', '3', '--batch-size', '1', '--eval-every', '3', '--out-dir', str(out), *extra]
+        ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}) for _ in range(2)]
+        try: return [(p.communicate(timeout=300)[1], p.returncode) for p in ps]
+        finally:
+            for p in ps:
+                if p.poll() is None: p.kill(); p.wait()
+    for err, rc in nodes(tmp_path / 'n'): assert rc == 0, err[-3000:]
+    state = torch.load(tmp_path / 'n' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 3 and len(state['rng']) == 2
+    killed = nodes(tmp_path / 'k', env={'WECLIP_KILL_IN_SAVE': '2'})
+    assert any(rc != 0 for _, rc in killed)
+    assert torch.load(tmp_path / 'k' / 'last.pt', weights_only=True)['iteration'] == 1
+    for err, rc in nodes(tmp_path / 'k', '--resume'): assert rc == 0, err[-3000:]
+    a, b = decoder_weights(tmp_path / 'n'), decoder_weights(tmp_path / 'k')
+    assert all(torch.equal(a[k], b[k]) for k in a)
