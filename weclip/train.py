@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
-import dataclasses, json, os, random, shutil, signal, sys, threading, time
+import dataclasses, json, os, random, re, shutil, signal, sys, threading, time
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -161,11 +161,22 @@ def _agree(error: Exception | None, what: str, world: int, device) -> None:
     r = next(r for r, w in enumerate(why) if w)
     raise RankFailed(f"rank {r} of {world} failed {what}, so every process stops: {why[r]}") from error
 
+def _lost_peers(e: BaseException) -> str | None:
+    "The one line for a collective that failed because another process stopped answering (the timeout) or died; None for other errors."
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or re.search(r'gloo|NCCL|Timed out|Connection closed by peer', text)): return None
+    what = re.sub(r'^\[[^\]]*\]\s*', '', text.splitlines()[0]) if text else type(e).__name__   # drop the source location
+    return (f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}: a collective with the other processes "
+            f"failed ({what[:160]}): another process stopped answering for --dist-timeout seconds or died; its log says "
+            "which and why. Continue with the same command and --resume.")
+
 def _guarded(fn, what: str, world: int, device):
     "`fn()` on this rank, then `_agree` on whether it failed anywhere (a failure inside `fn` never leaves a rank waiting)."
     try: out = fn()
     except RankFailed: raise                          # agreed already, inside fn
-    except Exception as e: _agree(e, what, world, device)
+    except Exception as e:
+        if world > 1 and _lost_peers(e): raise        # the group itself failed: nothing left to agree with
+        _agree(e, what, world, device)
     else: _agree(None, what, world, device); return out
 
 # %% ../nbs/11_train.ipynb #58d2893f
@@ -419,6 +430,9 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr); sys.exit(128 + e.signum)
     except (ValueError, FileNotFoundError, FloatingPointError, OSError, RankFailed) as e: sys.exit(f"error: {one_line(e)}")
+    except RuntimeError as e:                         # under torchrun: a collective whose peer timed out or died
+        if int(os.environ.get('WORLD_SIZE', 1)) == 1 or (line := _lost_peers(e)) is None: raise
+        sys.exit(f"error: {line}")
 
 # %% ../nbs/11_train.ipynb #b472b6cd
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'weclip.train': main()
