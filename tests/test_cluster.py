@@ -132,14 +132,14 @@ def test_group_sigterm_with_loader_workers(toy, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), f'trial {trial}: killed at iteration {it}'
 
 
-def one_rank_world_two(monkeypatch, toy, out, *extra, stop_at=None):
+def one_rank_world_two(monkeypatch, toy, out, *extra, stop_at=None, backend='gloo'):
     """The trainer on one process told by WORLD_SIZE that the world has 2, in a one-rank gloo group: every line a world of
     2 runs executes (it trains rank 0's half of each batch). A GPU machine runs the same harness on NCCL with one GPU."""
     import torch.distributed as dist
     from weclip.config import parse_config
     from weclip.train import train
     for k, v in dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0').items(): monkeypatch.setenv(k, v)
-    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         cfg = parse_config([*ARGS, '--data-root', toy, '--iters', '4', '--batch-size', '1', '--eval-every', '2',
                             '--pseudo-images', '2', '--out-dir', str(out), *extra])
