@@ -37,7 +37,7 @@ def test_ddp_evaluation_is_sharded_and_exact(toy, tmp_path):
 
 
 IDENTITY = '''
-import hashlib, json, sys, warnings, torch, torch.distributed as dist
+import hashlib, inspect, json, sys, warnings, torch, torch.distributed as dist
 import weclip.train as T
 from weclip.config import make_config
 cfg = make_config('toy', model='weclip-tiny', weights='none', decoder_dim=32, data_root=sys.argv[1], device='cpu')
@@ -49,6 +49,7 @@ def digest(m):
 real, seen = torch.nn.parallel.DistributedDataParallel, {}
 def spy(module, **kw):                                                   # the model as _build made it, before DDP syncs
     seen['built'] = digest(module); return real(module, **kw)
+spy.__signature__ = inspect.signature(real)                               # the same arguments as DDP's
 torch.nn.parallel.DistributedDataParallel = spy
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')

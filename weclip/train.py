@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
-import dataclasses, json, os, random, re, shutil, signal, sys, threading, time
+import dataclasses, inspect, json, os, random, re, shutil, signal, sys, threading, time
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -164,7 +164,7 @@ def _agree(error: Exception | None, what: str, world: int, device) -> None:
 def _lost_peers(e: BaseException) -> str | None:
     "The one line for a collective that failed because another process stopped answering (the timeout) or died; None for other errors."
     text = str(e).strip()
-    if not (isinstance(e, dist.DistError) or re.search(r'gloo|NCCL|Timed out|Connection closed by peer', text)): return None
+    if not (isinstance(e, getattr(dist, 'DistError', ())) or re.search(r'gloo|NCCL|Timed out|Connection closed by peer', text)): return None
     what = re.sub(r'^\[[^\]]*\]\s*', '', text.splitlines()[0]) if text else type(e).__name__   # drop the source location
     return (f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}: a collective with the other processes "
             f"failed ({what[:160]}): another process stopped answering for --dist-timeout seconds or died; its log says "
@@ -297,8 +297,10 @@ def _build(cfg, classes, rank, world, device, model=None):
     model = (model or WeCLIP.from_config(cfg, classes=classes)).to(device)
     if world == 1: return model, model
     _seed(cfg.seed + rank)          # device_ids=None: DDP leaves the batch where it is (the model moves the images and
-    return model, nn.parallel.DistributedDataParallel(model, device_ids=None,   # keeps the labels on the host); buffers
-                                                      forward_sync_buffers=False)   # agree from the start
+    DDP = nn.parallel.DistributedDataParallel                       # keeps the labels on the host). Buffers agree from
+    no_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters   # the start: not
+               else 'broadcast_buffers')                            # synced each step (torch >= 2.14 names it so)
+    return model, DDP(model, device_ids=None, **{no_sync: False})
 
 def _loader(train_ds, cfg, it, rank, world, device):
     "One DataLoader for iterations `it`..`iters-1`: its workers live for the whole run; pinned memory on CUDA."
