@@ -197,3 +197,33 @@ def test_two_nodes_through_a_rendezvous(toy, tmp_path):
     for err, rc in nodes(tmp_path / 'k', '--resume'): assert rc == 0, err[-3000:]
     a, b = decoder_weights(tmp_path / 'n'), decoder_weights(tmp_path / 'k')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+PROBE = '''
+import json, sys, time, numpy as np
+import weclip.evaluate as E                      # as `python -m weclip.evaluate` does: torch and open_clip loaded here
+if __name__ == '__main__':
+    img = np.zeros((40, 50, 3), np.uint8); p = np.full((2, 40, 50), 0.5, np.float32)
+    t0 = time.perf_counter()
+    with E.CRFPool(2) as pool:
+        [f.result() for f in [pool.submit(img, p) for _ in range(2)]]
+        seconds = time.perf_counter() - t0
+        loaded = pool.ex.submit(eval, "sorted({m.split('.')[0] for m in __import__('sys').modules} & "
+                                      "{'torch', 'open_clip', 'probe'})").result()
+        rss = [int(next(l for l in open(f'/proc/{q}/status') if l.startswith('VmRSS')).split()[1]) // 1024
+               for q in pool.ex._processes]
+    print(json.dumps(dict(loaded=loaded, seconds=seconds, rss_mb=rss)))
+'''
+
+
+def test_crf_workers_load_neither_torch_nor_the_main_module(tmp_path):
+    """A CRF worker of a program started with `python -m` (as evaluate and predict are) imports weclip.crf alone, not
+    the program's main module with torch and open_clip behind it: small and quick to start."""
+    (tmp_path / 'probe.py').write_text(PROBE)
+    r = subprocess.run([sys.executable, '-m', 'probe'], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if r.returncode and 'DenseCRF' in r.stderr: pytest.skip('pydensecrf2 is not installed')
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    print(doc)
+    assert doc['loaded'] == [] and max(doc['rss_mb']) < 150, doc         # measured: 37 MB each, 0.4 s for both
