@@ -105,3 +105,43 @@ def test_step_waits_once_on_cuda():
     print(json.dumps({k: r[k] for k in ('syncs_per_step', 'waits_per_step', 'waits', 'device_ops_per_step', 'seconds')}))
     assert r['waits_per_step'] == 1, r['waits']
     assert r['syncs_per_step'] <= 2, r
+
+
+def test_world_two_on_one_gpu_nccl(tmp_path, monkeypatch, tmp_path_factory):
+    """Every line a world of 2 runs, on one GPU through NCCL: a one-rank group, the trainer told WORLD_SIZE=2 (the
+    harness of tests/test_cluster.py); a run stopped at 3 and resumed ends where a straight run ends."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cluster import one_rank_world_two
+    from weclip.toy import write_toy_dataset
+    toy = str(write_toy_dataset(tmp_path_factory.mktemp('toy') / 'toy', n_train=8, n_val=2, seed=0))
+    one_rank_world_two(monkeypatch, toy, tmp_path / 'a', '--device', 'cuda', backend='nccl')
+    state = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True)
+    assert state['iteration'] == 4 and len(state['rng']) == 2 and 'cuda' in state['rng'][0]
+    one_rank_world_two(monkeypatch, toy, tmp_path / 'b', '--device', 'cuda', backend='nccl', stop_at=3)
+    one_rank_world_two(monkeypatch, toy, tmp_path / 'b', '--device', 'cuda', '--resume', backend='nccl')
+    a, b = weights(tmp_path / 'a'), weights(tmp_path / 'b')
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_bf16_pseudo_labels_agree_with_float32_on_gpu():
+    "The shipped toy model's pseudo labels under CUDA's own bf16 autocast and in float32: the same on >= 99 % of pixels."
+    from weclip.pretrained import pretrained_toy, toy_batch
+    from weclip.evaluate import pseudo_labels_of
+    model, cfg, _ = pretrained_toy(device='cuda')
+    b = toy_batch(norm=cfg.norm)
+    fp32 = pseudo_labels_of(model, b['image'], b['labels'])
+    with torch.autocast('cuda', dtype=torch.bfloat16): bf16 = pseudo_labels_of(model, b['image'], b['labels'])
+    agree = (fp32 == bf16).float().mean().item()
+    print(f'bf16 vs float32 pseudo labels on {torch.cuda.get_device_name()}: {agree:.2%} of pixels agree')
+    assert agree >= 0.99, agree
+
+
+def test_gpu_checkpoint_evaluated_on_the_cpu(voc, tmp_path):
+    "A checkpoint trained on the GPU is measured with --device cpu (CUDA not needed to read it)."
+    r = run('weclip.train', *COMMON, '--iters', '2', '--data-root', voc, '--device', 'cuda', '--out-dir', str(tmp_path / 'g'))
+    assert r.returncode == 0, r.stderr[-4000:]
+    ev = run('weclip.evaluate', '--checkpoint', str(tmp_path / 'g' / 'last.pt'), '--device', 'cpu', '--source', 'cam',
+             '--max-images', '1', '--quiet')
+    assert ev.returncode == 0 and 'mIoU' in ev.stdout, ev.stderr[-4000:]
+    doc = json.loads((tmp_path / 'g' / 'eval-val-cam' / 'results.json').read_text())
+    assert doc['device'] == 'cpu'

@@ -137,9 +137,8 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.eval()
     x1 = b['image'][:1]
-    with amp:
-        t_single = _median_time(lambda: model.predict(x1), repeats, sync)
-        t_msc = _median_time(lambda: msc_flip_logits(model.predict, x1), repeats, sync)
+    t_single = _median_time(lambda: model.predict(x1), repeats, sync)   # in float32, as evaluate and predict run it
+    t_msc = _median_time(lambda: msc_flip_logits(model.predict, x1), repeats, sync)
     probs = msc_flip_logits(model.predict, x1)[0].softmax(0)
     img = to_uint8(x1[0])
     t_crf = _median_time(lambda: dense_crf(img, probs), repeats) if crf else float('nan')

@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0                    # seeds the data order, the augmentation and the decoder's initialisation
     device: str = 'auto'             # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     amp: bool = True                 # bf16 autocast on CUDA (ignored on the CPU)
+    dist_timeout: int = 3600         # seconds a torchrun process waits at a collective for the others before it fails (a COCO evaluation shard on 2 GPUs takes ~10 min)
     num_workers: int = 2             # data-loading worker processes (0: load in the training process)
     out_dir: str = 'runs/weclip'     # the run's folder: checkpoints, config.json, metrics.jsonl, results.json
     log_every: int = 10              # iterations between progress lines and metrics.jsonl rows
@@ -119,7 +120,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     need(cfg.supervision in ('weak', 'full'), 'supervision', "use 'weak' (pseudo labels) or 'full' (true masks)")
     need(re.fullmatch(r'auto|cpu|cuda(:\d+)?', str(cfg.device)) is not None, 'device', 'use auto, cpu, cuda or cuda:N')
     for f in ('iters', 'batch_size', 'crop_size', 'decoder_blocks', 'decoder_dim', 'rfm_layers', 'rfm_power', 'log_every',
-              'eval_every', 'ckpt_every', 'aff_radius'):
+              'eval_every', 'ckpt_every', 'aff_radius', 'dist_timeout'):
         need(getattr(cfg, f) >= 1, f, 'it must be at least 1')
     for f in ('warmup_iters', 'rfm_start', 'num_workers', 'eval_images', 'pseudo_images', 'seed'):
         need(getattr(cfg, f) >= 0, f, 'it must not be negative')
@@ -188,6 +189,7 @@ def describe_config(cfg: TrainConfig) -> str:
 # %% ../nbs/09_config.ipynb #263a84fe
 def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda:N
                    local_rank: int | None = None, # torchrun's LOCAL_RANK: `cuda` means this GPU (None: read the env)
+                   local_world: int | None = None, # torchrun's LOCAL_WORLD_SIZE, processes on this node (None: read the env)
                   ) -> torch.device:
     "The indexed `torch.device` that `spec` names; a ValueError with one line saying why not."
     s = str(spec).strip().lower()
@@ -199,7 +201,11 @@ def resolve_device(spec: str | torch.device = 'auto', # auto | cpu | cuda | cuda
         raise ValueError(f"--device {spec} was asked for but PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
                          f"CUDA build {torch.version.cuda or 'none'}): use --device cpu, or auto.")
     if local_rank is None and 'LOCAL_RANK' in os.environ: local_rank = int(os.environ['LOCAL_RANK'])
-    index = int(m.group(1)) if m.group(1) is not None and local_rank is None else (local_rank or 0)
+    if local_world is None: local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    if m.group(1) is not None and local_world > 1:   # one GPU named for every process of the node: refused, not overridden
+        raise ValueError(f"--device {spec} names one GPU for all {local_world} processes torchrun starts on this node: use "
+                         "--device cuda (each process takes the GPU of its LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose the GPUs.")
+    index = int(m.group(1)) if m.group(1) is not None else (local_rank or 0)
     n = torch.cuda.device_count()
     if index >= n:
         raise ValueError(f"--device cuda:{index} was asked for but this machine has {n} CUDA GPU(s) (cuda:0"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
-import argparse, collections, dataclasses, importlib, itertools, json, math, multiprocessing, os, sys, time
+import argparse, collections, contextlib, dataclasses, importlib, itertools, json, math, multiprocessing, os, sys, time, types
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -19,14 +19,16 @@ from .model import WeCLIP
 from .config import TrainConfig, config_from_dict, resolve_device
 from .checkpoint import load_checkpoint, check_weclip_checkpoint, RunLock
 from .metrics import confusion, miou, seg_metrics, iou_table
+from .crf import crf_marginals, crf_labels
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'SOURCES', 'VOC_TEST_DIR', 'resize_long', 'inference_long_side',
-           'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available', 'require_crf', 'dense_crf',
-           'to_uint8', 'crf_labels', 'available_cores', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels',
-           'pseudo_labels_of', 'EvalError', 'predict_sample', 'progress_iter', 'evaluate_dataset', 'val_miou',
-           'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
-           'check_inference_args', 'check_long_side', 'check_root_classes', 'run_evaluation', 'evaluate_cli']
+__all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'CRF_WORKER_MB', 'SOURCES', 'VOC_TEST_DIR', 'resize_long',
+           'inference_long_side', 'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available',
+           'require_crf', 'dense_crf', 'to_uint8', 'available_cores', 'available_memory_mb', 'default_crf_workers',
+           'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample',
+           'progress_iter', 'evaluate_dataset', 'val_miou', 'pseudo_subset', 'pseudo_quality', 'class_list',
+           'load_model', 'add_inference_options', 'evaluate_parser', 'check_inference_args', 'check_long_side',
+           'check_root_classes', 'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -111,22 +113,8 @@ def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
              ) -> np.ndarray:
     "Mean-field DenseCRF marginals (K,H,W) of `probs` on `image`, with the official parameters by default."
     require_crf()
-    import pydensecrf.densecrf as dcrf               # optional dependency: pip install "weclip[crf]"
-    from pydensecrf.utils import unary_from_softmax
     probs = probs.detach().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs)
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}: pass the original "
-                         "picture (or `to_uint8` of a normalised tensor).")
-    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be (K, H, W) with H, W = {image.shape[:2]} like the image, got {probs.shape}: "
-                         "resize the logits to the image before the softmax.")
-    K, H, W = probs.shape
-    d = dcrf.DenseCRF2D(W, H, K)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    d.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
-    d.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=np.array(image, order='C'), compat=bi_w)  # a writable copy
-    return np.asarray(d.inference(n_iter), dtype=np.float32).reshape(K, H, W)
+    return crf_marginals(image, probs, n_iter, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w)
 
 def to_uint8(image: torch.Tensor, # (3,H,W) normalised image
              norm: str = 'imagenet', # the statistics it was normalised with
@@ -135,30 +123,49 @@ def to_uint8(image: torch.Tensor, # (3,H,W) normalised image
     return (denormalize(image.detach().cpu().float(), norm) * 255).round().byte().permute(1, 2, 0).numpy()
 
 # %% ../nbs/10_evaluate.ipynb #58a94cbf
-def crf_labels(image: np.ndarray, # (H,W,3) uint8 RGB
-               probs: np.ndarray, # (K,H,W) probabilities
-              ) -> np.ndarray:
-    "The labels (H,W) uint8 of `dense_crf`'s marginals: what a CRF worker computes for one image."
-    return dense_crf(image, probs).argmax(0).astype(np.uint8)
-
 def available_cores() -> int:
     "CPU cores this process may run on (the affinity mask where the OS has one, as under a cluster's scheduler)."
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
+def available_memory_mb() -> float:
+    "Memory the machine can still give (MB): Linux's MemAvailable; elsewhere the free pages; inf if unknown."
+    try:
+        with open('/proc/meminfo') as f: return next(int(l.split()[1]) for l in f if l.startswith('MemAvailable:')) / 1024
+    except (OSError, StopIteration, ValueError): pass
+    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**20
+    except (ValueError, OSError, AttributeError): return float('inf')
+
+CRF_WORKER_MB = 600  # a CRF worker's peak memory, measured on a COCO-sized image (500x500, 81 classes): 561 MB
+
+def default_crf_workers(cores: int | None = None, free_mb: float | None = None) -> int:
+    "CRF workers by default: one per available core, no more than free memory holds at `CRF_WORKER_MB` each, at least 1."
+    cores = available_cores() if cores is None else cores
+    free_mb = available_memory_mb() if free_mb is None else free_mb
+    return max(1, min(cores, int(free_mb // CRF_WORKER_MB) if free_mb != float('inf') else cores))
+
+@contextlib.contextmanager
+def _bare_main():
+    """While a spawned worker starts: a bare `__main__`, so that the worker does not import this program's main module
+    (`python -m weclip.evaluate` would load torch and open_clip in every worker). It imports `weclip.crf` alone."""
+    main = sys.modules['__main__']
+    sys.modules['__main__'] = types.ModuleType('__main__')
+    try: yield
+    finally: sys.modules['__main__'] = main
+
 class CRFPool:
-    "`crf_labels` on `workers` processes (0: every available core), results in submission order; 1: inline."
+    "`crf_labels` on `workers` processes (0: `default_crf_workers`), results in submission order; 1: inline."
     def __init__(self, workers: int = 0):
-        if workers < 0: raise ValueError(f"--crf-workers must be 0 (every core) or more, got {workers}.")
-        self.workers = workers or available_cores()
+        if workers < 0: raise ValueError(f"--crf-workers must be 0 (cores and memory decide) or more, got {workers}.")
+        self.workers = workers or default_crf_workers()
         self.ex = None
     def submit(self, image: np.ndarray, probs: np.ndarray) -> Future:
         if self.workers == 1:
             f = Future(); f.set_result(crf_labels(image, probs)); return f
         if self.ex is None:   # spawn: the workers never inherit a CUDA context or the parent's threads
             self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context('spawn'))
-        fn = crf_labels   # a worker finds it by its module; run from a notebook, that is the package's copy
-        if fn.__module__ == '__main__': fn = importlib.import_module('weclip.evaluate').crf_labels
-        return self.ex.submit(fn, image, np.ascontiguousarray(probs, dtype=np.float32))
+        fn = importlib.import_module('weclip.crf').crf_labels   # the package's module (numpy and pydensecrf only)
+        with _bare_main():                                       # workers start inside submit
+            return self.ex.submit(fn, image, np.ascontiguousarray(probs, dtype=np.float32))
     def in_order(self, jobs, finish):
         "`finish(*job)` for each job in order, with at most 2 x workers jobs (holding CRF Futures) waiting in between."
         pending = collections.deque()
@@ -300,15 +307,19 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
 
 # %% ../nbs/10_evaluate.ipynb #0ad3122e
 @torch.no_grad()
-def val_miou(model, dataset, max_images: int = 0, device='cpu') -> dict:
+def val_miou(model, dataset, max_images: int = 0, device='cpu',
+             rank: int = 0, world: int = 1, # this process measures images rank, rank + world, ... (its shard)
+             total=None, # (K,K) confusion of this shard -> the sum over every process (None: one process)
+            ) -> dict:
     "Single-scale mIoU of the segmentation on `dataset` (full-size images, one at a time), the first `max_images` (0: all)."
     K = model.n_classes
     conf = torch.zeros(K, K, dtype=torch.long)
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
+    for i in range(rank, n, world):
         s = collate([dataset[i]])
         logits = infer_logits(model, s['image'].to(device), scales=(1.0,), flip=False)   # the size capped, as everywhere
         conf += confusion(logits.argmax(1)[0].cpu(), s['mask'][0], K)
+    if total is not None: conf = total(conf)
     m, iou = miou(conf)
     return dict(miou=m, iou=iou.tolist(), images=n)
 
@@ -323,11 +334,14 @@ def pseudo_subset(cfg: TrainConfig):
     return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()), None
 
 @torch.no_grad()
-def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu') -> dict:
+def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu',
+                   rank: int = 0, world: int = 1, # this process scores images rank, rank + world, ... (its shard)
+                   total=None, # (2,K,K) confusions of this shard -> the sums over every process (None: one process)
+                  ) -> dict:
     "mIoU of the initial-CAM labels and of the online pseudo labels M_p (RFM as at `iteration`) against `dataset`'s masks."
     K = model.n_classes
     conf = dict(cam=torch.zeros(K, K, dtype=torch.long), pseudo=torch.zeros(K, K, dtype=torch.long))
-    for i in range(len(dataset)):
+    for i in range(rank, len(dataset), world):
         s = collate([dataset[i]])
         H, W = s['image'].shape[-2:]                      # a huge training picture runs capped, as val and evaluate do
         x = resize_long(s['image'], inference_long_side(model, (H, W)))
@@ -336,6 +350,7 @@ def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu') -
             M_p, cam = (F.interpolate(m[:, None].float(), size=(H, W), mode='nearest')[:, 0].long() for m in (M_p, cam))
         conf['pseudo'] += confusion(M_p[0].cpu(), s['mask'][0], K)
         conf['cam'] += confusion(cam[0].cpu(), s['mask'][0], K)
+    if total is not None: conf = dict(zip(('cam', 'pseudo'), total(torch.stack([conf['cam'], conf['pseudo']]))))
     (cam, _), (pseudo, iou) = miou(conf['cam']), miou(conf['pseudo'])
     return dict(cam_miou=cam, pseudo_miou=pseudo, pseudo_iou=iou.tolist())
 
@@ -365,9 +380,9 @@ def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.
         diff = next(f'{a!r} there, {b!r} here' for a, b in itertools.zip_longest(state['classes'], classes) if a != b)
         raise EvalError(f"{checkpoint} was trained on other classes than {cfg.data_root} has ({len(state['classes'])} "
                         f"there, {len(classes)} here; first difference: {diff}): pass the --data-root it was trained on.")
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):   # a random-weight backbone ('none') comes
-                                              # out as the trainer built it; the caller's generators, CUDA's too, are kept
-        torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):   # a random-weight backbone ('none') comes out as the trainer built it (on the
+        torch.default_generator.manual_seed(cfg.seed)   # CPU, from this generator); the caller's generators are kept and
+                                              # CUDA's are never touched: --device cpu does not initialise CUDA
         model = WeCLIP.from_config(cfg, classes=classes).to(device)
     try: model.load_trainable_state_dict(state['model'])
     except RuntimeError as e:
@@ -385,7 +400,7 @@ def add_inference_options(ap: argparse.ArgumentParser):
     ap.add_argument('--crf', action='store_true', help='DenseCRF post-processing (official parameters: '
                     + ', '.join(f'{k}={v}' for k, v in CRF_OFFICIAL.items()) + ')')
     ap.add_argument('--crf-workers', type=int, default=0, help='processes that run DenseCRF in parallel (default: 0, '
-                    'every available core; 1: in this process)')
+                    f'one per available core, no more than free memory holds at {CRF_WORKER_MB} MB each; 1: in this process)')
     ap.add_argument('--resize-long', type=int, default=None, help='resize the long side to this first '
                     '(default: 512 for VOC/COCO as the official test, none for the toy world; 0: never)')
     ap.add_argument('--device', default='auto', help='auto (CUDA when available, else the CPU), cpu, cuda or cuda:N '

@@ -130,16 +130,21 @@ def write_gallery(model, dataset, out_dir, iteration:int, names:list[str], n:int
     return path
 
 # %% ../nbs/06b_owndata.ipynb #048a3ea9
-def custom_evaluate(model, val_ds, cfg: TrainConfig, it: int, device, run) -> float:
-    "The trainer's evaluation on a prepared folder: mIoU on the val pictures when they have masks (else NaN), and the gallery, whose path it prints."
+def custom_evaluate(model, val_ds, cfg: TrainConfig, it: int, device, run,
+                    rank: int = 0, world: int = 1, total=None, # under torchrun: this rank's shard, summed by `total`
+                   ) -> float:
+    """The trainer's evaluation on a prepared folder: mIoU on the val pictures when they have masks (else NaN), and the
+    gallery, whose path it prints. Under torchrun every rank scores its shard; the first draws the gallery."""
     model.eval()
     score = float('nan')
     if val_ds.with_masks:
-        ev = val_miou(model, val_ds, cfg.eval_images, device)
-        run.log(it, val_miou=ev['miou'], val_iou=ev['iou']); run.last['val_miou'] = score = ev['miou']
+        ev = val_miou(model, val_ds, cfg.eval_images, device, rank=rank, world=world, total=total)
+        if run.log: run.log(it, val_miou=ev['miou'], val_iou=ev['iou'])
+        run.last['val_miou'] = score = ev['miou']
         run.progress.write(f"iteration {it}: val mIoU {ev['miou']:.4f} on the {ev['images']} pictures with masks")
+    if rank: return score
     path = write_gallery(model, val_ds, cfg.out_dir, it, ['background', *val_ds.classes], long_side=cfg.crop_size, norm=cfg.norm)
-    run.log(it, gallery=str(path))
+    if run.log: run.log(it, gallery=str(path))
     run.progress.write(f"iteration {it}: gallery (initial CAM, pseudo labels, prediction) of val pictures in {path}" +
                        ('' if val_ds.with_masks else ' (no masks: no mIoU)'))
     if it == cfg.iters:

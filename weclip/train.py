@@ -4,8 +4,9 @@
 
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
-import dataclasses, json, os, random, shutil, signal, sys, threading, time
+import dataclasses, inspect, json, os, random, re, shutil, signal, sys, threading, time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
@@ -23,8 +24,8 @@ from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, eval
 from .owndata import custom_datasets, custom_evaluate
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'Interrupted',
-           'LossWatch', 'train', 'report', 'main']
+__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'RankFailed',
+           'Interrupted', 'LossWatch', 'train', 'report', 'main']
 
 # %% ../nbs/11_train.ipynb #6b82c3c9
 def lr_factor(it: int, iters: int, warmup_iters: int = 50, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
@@ -161,13 +162,44 @@ def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = resolve_device(cfg.device)               # under torchrun: the GPU of LOCAL_RANK
     if device.type == 'cuda': torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized(): dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if world > 1 and not dist.is_initialized():       # a collective waits at most dist_timeout for the slowest rank
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(seconds=cfg.dist_timeout))
     return (dist.get_rank() if world > 1 else 0), world, device
 
-def _broadcast(flag: bool, world: int) -> bool:
-    "Rank 0's `flag` on every rank."
-    if world == 1: return flag
-    box = [flag]; dist.broadcast_object_list(box, src=0); return box[0]
+class RankFailed(RuntimeError):
+    "A process of a DDP run failed where only it could (a checkpoint write, its evaluation shard): every rank stops."
+
+def _agree(error: Exception | None, what: str, world: int, device) -> None:
+    """Collective: every rank says whether `what` failed on it; if one did, all raise `RankFailed` naming it and why.
+    Alone, the error is raised as it is."""
+    if world == 1:
+        if error is not None: raise error
+        return
+    flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)                    # one small all-reduce when nothing failed
+    if not int(flag): return
+    why = [None] * world
+    dist.all_gather_object(why, None if error is None else f'{type(error).__name__}: {one_line(error)}')
+    r = next(r for r, w in enumerate(why) if w)
+    raise RankFailed(f"rank {r} of {world} failed {what}, so every process stops: {why[r]}") from error
+
+def _lost_peers(e: BaseException) -> str | None:
+    "The one line for a collective that failed because another process stopped answering (the timeout) or died; None for other errors."
+    text = str(e).strip()
+    if not (isinstance(e, getattr(dist, 'DistError', ())) or re.search(r'gloo|NCCL|Timed out|Connection closed by peer', text)): return None
+    what = re.sub(r'^\[[^\]]*\]\s*', '', text.splitlines()[0]) if text else type(e).__name__   # drop the source location
+    return (f"rank {os.environ.get('RANK', 0)} of {os.environ.get('WORLD_SIZE', 1)}: a collective with the other processes "
+            f"failed ({what[:160]}): another process stopped answering for --dist-timeout seconds or died; its log says "
+            "which and why. Continue with the same command and --resume.")
+
+def _guarded(fn, what: str, world: int, device):
+    "`fn()` on this rank, then `_agree` on whether it failed anywhere (a failure inside `fn` never leaves a rank waiting)."
+    try: out = fn()
+    except RankFailed: raise                          # agreed already, inside fn
+    except Exception as e:
+        if world > 1 and _lost_peers(e): raise        # the group itself failed: nothing left to agree with
+        _agree(e, what, world, device)
+    else: _agree(None, what, world, device); return out
 
 # %% ../nbs/11_train.ipynb #58d2893f
 class Interrupted(Exception):
@@ -276,26 +308,64 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
     if rank == 0: print(f"Resuming {path.parent} at iteration {state['iteration']} (best mIoU so far {state['best']:.4f}).")
     return state['iteration'], state['best']
 
-def _evaluate(model, val_ds, sub, cfg, it, device, run) -> float:
-    "Main process: val mIoU and the train labels' quality, logged and printed; the val mIoU."
-    if cfg.dataset == 'custom': return custom_evaluate(model, val_ds, cfg, it, device, run)   # + the gallery (06b)
+def _evaluate(model, val_ds, sub, cfg, it, device, run, rank: int = 0, world: int = 1) -> float:
+    "Every rank its shard, the counts summed: val mIoU and the train labels' quality, logged and printed; the val mIoU."
     model.eval()
-    ev = val_miou(model, val_ds, cfg.eval_images, device)
-    run.log(it, val_miou=ev['miou'], val_iou=ev['iou']); run.last['val_miou'] = ev['miou']
+    what = f'in the evaluation at iteration {it}'
+    def total(conf):                                  # this rank's confusion counts -> every rank's sum
+        _agree(None, what, world, device)             # (first: did a rank fail on its shard?)
+        conf = conf.to(device); dist.all_reduce(conf); return conf.cpu()
+    shard = dict(rank=rank, world=world, total=total if world > 1 else None)
+    if cfg.dataset == 'custom':                       # a prepared folder: mIoU where val has masks, and the gallery (06b)
+        return _guarded(lambda: custom_evaluate(model, val_ds, cfg, it, device, run, **shard), what, world, device)
+    ev = _guarded(lambda: val_miou(model, val_ds, cfg.eval_images, device, **shard), what, world, device)
+    if run.log: run.log(it, val_miou=ev['miou'], val_iou=ev['iou'])
+    run.last['val_miou'] = ev['miou']
     run.progress.write(f"iteration {it}: val mIoU {ev['miou']:.4f} on {ev['images']} images")
     if sub is not None:
-        pq = pseudo_quality(model, sub, it, device)
-        run.log(it, **pq); run.last.update(cam_miou=pq['cam_miou'], pseudo_miou=pq['pseudo_miou'])
+        pq = _guarded(lambda: pseudo_quality(model, sub, it, device, **shard), what, world, device)
+        if run.log: run.log(it, **pq)
+        run.last.update(cam_miou=pq['cam_miou'], pseudo_miou=pq['pseudo_miou'])
         run.progress.write(f"iteration {it}: train labels mIoU: initial CAM {pq['cam_miou']:.4f}, pseudo labels "
                            f"{pq['pseudo_miou']:.4f} on {len(sub)} images")
     return ev['miou']
+
+def _seed(seed: int):
+    "Seed torch, random and numpy."
+    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
+
+def _worker_ignores_signals(worker_id: int):
+    """A loader worker ignores SIGINT and SIGTERM: a scheduler signals the whole process group, and the training process
+    finishes its iteration, writes last.pt, then stops its workers itself."""
+    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
+
+def _build(cfg, classes, rank, world, device, model=None):
+    """The model, built under the run's seed (the same backbone, text features and decoder on every rank), then each rank
+    seeded apart (its own dropout and augmentation); and the module to call: DDP's wrapper of it under torchrun."""
+    _seed(cfg.seed)
+    model = (model or WeCLIP.from_config(cfg, classes=classes)).to(device)
+    if world == 1: return model, model
+    _seed(cfg.seed + rank)          # device_ids=None: DDP leaves the batch where it is (the model moves the images and
+    DDP = nn.parallel.DistributedDataParallel                       # keeps the labels on the host). Buffers agree from
+    no_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters   # the start: not
+               else 'broadcast_buffers')                            # synced each step (torch >= 2.14 names it so)
+    return model, DDP(model, device_ids=None, **{no_sync: False})
 
 def _loader(train_ds, cfg, it, rank, world, device):
     "One DataLoader for iterations `it`..`iters-1`: its workers live for the whole run; pinned memory on CUDA."
     batches = RunBatches(len(train_ds), cfg.batch_size, cfg.seed, it, cfg.iters, rank, world)
     return torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
                                        pin_memory=device.type == 'cuda', prefetch_factor=4 if cfg.num_workers else None,
-                                       generator=torch.Generator().manual_seed(cfg.seed + it))
+                                       generator=torch.Generator().manual_seed(cfg.seed + it),
+                                       worker_init_fn=_worker_ignores_signals if cfg.num_workers else None)
+
+def _batches(loader):
+    """The loader's batches; its workers are stopped whatever ends the loop. They ignore SIGTERM, so they must be: an error
+    raised by the loader keeps its iterator alive in the traceback, and at exit Python would wait for them forever."""
+    it = iter(loader)
+    try: yield from it
+    finally:
+        if hasattr(it, '_shutdown_workers'): it._shutdown_workers()   # torch's own way (what its __del__ calls)
 
 class LossWatch:
     """Stops training at a non-finite loss before it reaches a checkpoint. On the CPU each step's loss is read at once
@@ -336,13 +406,10 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
     cfg, main_proc, out = dataclasses.replace(cfg, device=str(device)), rank == 0, Path(cfg.out_dir)
     cfg = dataclasses.replace(cfg, resume=_resume_or_start(cfg, out))
     with _Run(cfg, main_proc, world, device) as run:
-        torch.manual_seed(cfg.seed + rank); random.seed(cfg.seed + rank); np.random.seed(cfg.seed + rank)
         train_ds, val_ds = build_datasets(cfg)                                          # data
-        sub, why_not = pseudo_subset(cfg) if main_proc else (None, None)
-        if why_not and cfg.pseudo_images: print(f"Pseudo-label quality is not measured: {why_not}.")
-        model = (model or WeCLIP.from_config(cfg, classes=train_ds.classes)).to(device)  # model
-        net = model if world == 1 else nn.parallel.DistributedDataParallel(   # device_ids=None: DDP leaves the batch where
-            model, device_ids=None, broadcast_buffers=False)   # it is; the model moves the images and keeps labels on the host
+        sub, why_not = pseudo_subset(cfg)                 # every rank scores its shard of it
+        if why_not and cfg.pseudo_images and main_proc: print(f"Pseudo-label quality is not measured: {why_not}.")
+        model, net = _build(cfg, train_ds.classes, rank, world, device, model)          # model
         opt = model.optimizer(cfg.lr, cfg.decoder_lr_mult, cfg.weight_decay)               # optimizer (fused on a GPU)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
                                                                             cfg.warmup_ratio, cfg.poly_power))
@@ -352,9 +419,10 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.amp and device.type == 'cuda')
         def checkpoint(name):                                                           # every rank, rank 0 writes
             state = _state(it, best, model, opt, sched, cfg, train_ds.classes, device, world)
-            if main_proc: save_checkpoint(state, out / name)
+            _guarded(lambda: main_proc and save_checkpoint(state, out / name), f'writing {name} at iteration {it}',
+                     world, device)                   # a failed write stops every rank, not rank 0 alone
         watch, t0 = LossWatch(device, out, world), time.perf_counter()
-        for batch in _loader(train_ds, cfg, it, rank, world, device):
+        for batch in _batches(_loader(train_ds, cfg, it, rank, world, device)):
             model.train()                                                               # step
             with amp: losses = net(batch, iteration=it)
             watch.add(losses, it, batch)
@@ -364,9 +432,8 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
             run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
             if it % cfg.eval_every == 0 or it == cfg.iters:                             # evaluate
                 watch.check(it)
-                score = _evaluate(model, val_ds, sub, cfg, it, device, run) if main_proc else None
-                if _broadcast(main_proc and score > best, world):
-                    best = score if main_proc else best; checkpoint('best.pt')
+                score = _evaluate(model, val_ds, sub, cfg, it, device, run, rank, world)   # the same on every rank
+                if score > best: best = score; checkpoint('best.pt')
             signum = run.signalled(it)                                                    # checkpoint
             if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: watch.check(it); checkpoint('last.pt')
             if signum: raise Interrupted(signum, it, out / 'last.pt')
@@ -419,7 +486,10 @@ def main(argv=None):
         last = Path(cfg.out_dir) / 'last.pt' if 'cfg' in locals() else None
         sys.exit('Stopped at once by a second Ctrl-C' + (f"; {last} is the last complete checkpoint: continue with the "
                  "same command and --resume." if last is not None and last.exists() else '; no checkpoint was written.'))
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e: sys.exit(f"error: {one_line(e)}")
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, RankFailed) as e: sys.exit(f"error: {one_line(e)}")
+    except RuntimeError as e:                         # under torchrun: a collective whose peer timed out or died
+        if int(os.environ.get('WORLD_SIZE', 1)) == 1 or (line := _lost_peers(e)) is None: raise
+        sys.exit(f"error: {line}")
 
 # %% ../nbs/11_train.ipynb #b472b6cd
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'weclip.train': main()
