@@ -103,6 +103,11 @@ def test_report_table_at_the_end(toy, tmp_path):
                  'mIoU', f"Saved in {tmp_path / 'r'}"):
         assert word in r.stdout, (word, r.stdout[-3000:])
     assert (tmp_path / 'r' / 'results.json').is_file()
+    # a batch log (stdout is a pipe here) shows every evaluation's progress, each pass under its own name
+    for label in ('iteration 2: evaluate val: 2/2 in ', 'iteration 2: evaluate train labels: 8/8 in ',
+                  'evaluate initial CAM: 2/2 in ', 'evaluate static pseudo labels (RFM off): 2/2 in ',
+                  'evaluate RFM pseudo labels: 2/2 in ', 'evaluate segmentation'):
+        assert label in r.stdout, (label, r.stdout[-3000:])
 
 
 def test_sigterm_saves_then_resume_is_exact(toy, tmp_path):

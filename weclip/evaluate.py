@@ -5,6 +5,7 @@
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
 import argparse, collections, contextlib, dataclasses, importlib, itertools, json, math, multiprocessing, os, sys, time, types
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -22,13 +23,13 @@ from .metrics import confusion, miou, seg_metrics, iou_table
 from .crf import crf_marginals, crf_labels
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'CRF_WORKER_MB', 'SOURCES', 'VOC_TEST_DIR', 'resize_long',
-           'inference_long_side', 'default_long_side', 'msc_flip_logits', 'infer_logits', 'crf_available',
-           'require_crf', 'dense_crf', 'to_uint8', 'available_cores', 'available_memory_mb', 'default_crf_workers',
-           'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of', 'EvalError', 'predict_sample',
-           'progress_iter', 'evaluate_dataset', 'val_miou', 'pseudo_subset', 'pseudo_quality', 'class_list',
-           'load_model', 'add_inference_options', 'evaluate_parser', 'check_inference_args', 'check_long_side',
-           'check_root_classes', 'run_evaluation', 'evaluate_cli']
+__all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'CRF_INSTALL', 'CRF_WORKER_MB', 'SOURCES', 'VOC_TEST_DIR',
+           'resize_long', 'inference_long_side', 'default_long_side', 'msc_flip_logits', 'infer_logits',
+           'crf_available', 'require_crf', 'dense_crf', 'to_uint8', 'available_cores', 'available_memory_mb',
+           'default_crf_workers', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of',
+           'EvalError', 'predict_sample', 'progress_iter', 'evaluate_dataset', 'val_miou', 'pseudo_subset',
+           'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
+           'check_inference_args', 'check_long_side', 'check_root_classes', 'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
 def resize_long(images: torch.Tensor, # (B,3,H,W)
@@ -95,16 +96,18 @@ def infer_logits(model, # anything with `.predict(images) -> logits` (a `WeCLIP`
 CRF_OFFICIAL = dict(n_iter=10, pos_xy_std=3, pos_w=3, bi_xy_std=64, bi_rgb_std=5, bi_w=4)  # official test_msc_flip_*.py
 
 def crf_available() -> bool:
-    "Whether DenseCRF (the optional `pydensecrf2` package, `pip install \"weclip[crf]\"`) can be imported."
+    "Whether DenseCRF (the optional `pydensecrf2` package, the extra `[crf]`: `CRF_INSTALL`) can be imported."
     try: import pydensecrf.densecrf                 # optional dependency: only --crf needs it
     except ImportError: return False
     return True
 
+CRF_INSTALL = ('pip install -e ".[crf]" in the weclip folder (pydensecrf2 compiles from source: it needs a C++ compiler '
+               'and Python 3.10-3.12, it does not build on 3.13)')
+
 def require_crf():
     "One clear error when --crf is asked for without pydensecrf2 installed."
     if not crf_available():
-        raise EvalError('--crf needs DenseCRF, which is not installed: pip install "weclip[crf]" (pydensecrf2, which '
-                        'compiles from source: a C++ compiler and Python 3.12 or older), or drop --crf.')
+        raise EvalError(f'--crf needs DenseCRF, which is not installed: {CRF_INSTALL}; or drop --crf.')
 
 def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
               probs: np.ndarray | torch.Tensor, # (K,H,W) class probabilities (softmax of the logits)
@@ -278,7 +281,7 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      out_dir=None, # write palette PNG predictions here (None: don't)
                      max_images: int = 0, # first N images only (0: all)
                      norm: str = 'imagenet', # the dataset's pixel statistics (to recover RGB for the CRF)
-                     progress: bool = True,
+                     progress: bool | str = True, # False: silent; a string: the progress label (default 'evaluate SOURCE')
                      crf_workers: int = 0, # processes for DenseCRF (0: every available core; 1: inline)
                     ) -> dict:
     "Predict every image of `dataset`, save palette PNGs, and measure mIoU etc. of each result against its masks."
@@ -299,7 +302,7 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
     t0 = time.perf_counter()
     with CRFPool(crf_workers if crf and n > 1 else 1) as pool:
         jobs = ((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None))
-                for s in (dataset[i] for i in progress_iter(range(n), f'evaluate {source}', progress)))
+                for s in (dataset[i] for i in progress_iter(range(n), progress if isinstance(progress, str) else f'evaluate {source}', bool(progress))))
         pool.in_order(jobs, finish)
     dt = time.perf_counter() - t0
     return dict(images=n, seconds=dt, images_per_s=n / max(dt, 1e-9), predictions=None if save is None else str(save),
@@ -310,12 +313,13 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
 def val_miou(model, dataset, max_images: int = 0, device='cpu',
              rank: int = 0, world: int = 1, # this process measures images rank, rank + world, ... (its shard)
              total=None, # (K,K) confusion of this shard -> the sum over every process (None: one process)
+             progress: str | None = None, # a label: progress under it (a line every tenth in a log); None: silent
             ) -> dict:
     "Single-scale mIoU of the segmentation on `dataset` (full-size images, one at a time), the first `max_images` (0: all)."
     K = model.n_classes
     conf = torch.zeros(K, K, dtype=torch.long)
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(rank, n, world):
+    for i in progress_iter(range(rank, n, world), progress or '', progress is not None):
         s = collate([dataset[i]])
         logits = infer_logits(model, s['image'].to(device), scales=(1.0,), flip=False)   # the size capped, as everywhere
         conf += confusion(logits.argmax(1)[0].cpu(), s['mask'][0], K)
@@ -337,11 +341,12 @@ def pseudo_subset(cfg: TrainConfig):
 def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu',
                    rank: int = 0, world: int = 1, # this process scores images rank, rank + world, ... (its shard)
                    total=None, # (2,K,K) confusions of this shard -> the sums over every process (None: one process)
+                   progress: str | None = None, # a label: progress under it (a line every tenth in a log); None: silent
                   ) -> dict:
     "mIoU of the initial-CAM labels and of the online pseudo labels M_p (RFM as at `iteration`) against `dataset`'s masks."
     K = model.n_classes
     conf = dict(cam=torch.zeros(K, K, dtype=torch.long), pseudo=torch.zeros(K, K, dtype=torch.long))
-    for i in range(rank, len(dataset), world):
+    for i in progress_iter(range(rank, len(dataset), world), progress or '', progress is not None):
         s = collate([dataset[i]])
         H, W = s['image'].shape[-2:]                      # a huge training picture runs capped, as val and evaluate do
         x = resize_long(s['image'], inference_long_side(model, (H, W)))

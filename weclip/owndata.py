@@ -138,7 +138,8 @@ def custom_evaluate(model, val_ds, cfg: TrainConfig, it: int, device, run,
     model.eval()
     score = float('nan')
     if val_ds.with_masks:
-        ev = val_miou(model, val_ds, cfg.eval_images, device, rank=rank, world=world, total=total)
+        ev = val_miou(model, val_ds, cfg.eval_images, device, rank=rank, world=world, total=total,
+                      progress=None if rank else f'iteration {it}: evaluate val')
         if run.log: run.log(it, val_miou=ev['miou'], val_iou=ev['iou'])
         run.last['val_miou'] = score = ev['miou']
         run.progress.write(f"iteration {it}: val mIoU {ev['miou']:.4f} on the {ev['images']} pictures with masks")

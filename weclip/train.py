@@ -5,6 +5,7 @@
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
 import dataclasses, inspect, json, os, random, re, shutil, signal, sys, threading, time
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -20,12 +21,12 @@ from .toy import write_toy_dataset
 from .model import WeCLIP
 from .prompts import class_names
 from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, evaluate_dataset, iou_table,
-                             default_long_side, crf_available)
+                             default_long_side, crf_available, CRF_INSTALL)
 from .owndata import custom_datasets, custom_evaluate
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'RankFailed',
-           'Interrupted', 'LossWatch', 'train', 'report', 'main']
+__all__ = ['REPORT_COLUMNS', 'PASS_LABELS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress',
+           'RankFailed', 'Interrupted', 'LossWatch', 'train', 'report', 'main']
 
 # %% ../nbs/11_train.ipynb #6b82c3c9
 def lr_factor(it: int, iters: int, warmup_iters: int = 50, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
@@ -318,12 +319,16 @@ def _evaluate(model, val_ds, sub, cfg, it, device, run, rank: int = 0, world: in
     shard = dict(rank=rank, world=world, total=total if world > 1 else None)
     if cfg.dataset == 'custom':                       # a prepared folder: mIoU where val has masks, and the gallery (06b)
         return _guarded(lambda: custom_evaluate(model, val_ds, cfg, it, device, run, **shard), what, world, device)
-    ev = _guarded(lambda: val_miou(model, val_ds, cfg.eval_images, device, **shard), what, world, device)
+    lead = rank == 0                                  # progress lines from the first rank (its shard)
+    ev = _guarded(lambda: val_miou(model, val_ds, cfg.eval_images, device, **shard,
+                                   progress=f'iteration {it}: evaluate val' if lead else None), what, world, device)
     if run.log: run.log(it, val_miou=ev['miou'], val_iou=ev['iou'])
     run.last['val_miou'] = ev['miou']
     run.progress.write(f"iteration {it}: val mIoU {ev['miou']:.4f} on {ev['images']} images")
     if sub is not None:
-        pq = _guarded(lambda: pseudo_quality(model, sub, it, device, **shard), what, world, device)
+        pq = _guarded(lambda: pseudo_quality(model, sub, it, device, **shard,
+                                             progress=f'iteration {it}: evaluate train labels' if lead else None),
+                      what, world, device)
         if run.log: run.log(it, **pq)
         run.last.update(cam_miou=pq['cam_miou'], pseudo_miou=pq['pseudo_miou'])
         run.progress.write(f"iteration {it}: train labels mIoU: initial CAM {pq['cam_miou']:.4f}, pseudo labels "
@@ -442,6 +447,8 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
 
 # %% ../nbs/11_train.ipynb #6e010290
 REPORT_COLUMNS = {'cam': 'initial CAM', 'pseudo': 'pseudo labels', 'seg': 'segmentation', 'seg+crf': 'seg + CRF'}
+PASS_LABELS = {'cam': 'initial CAM', 'static': 'static pseudo labels (RFM off)', 'pseudo': 'RFM pseudo labels',
+               'seg': 'segmentation'}   # the report's passes, as their progress lines name them
 
 def report(out_dir, # a run's folder: its final model (last.pt) is measured
            max_images: int = 0, # first N val images (0: all)
@@ -456,8 +463,10 @@ def report(out_dir, # a run's folder: its final model (last.pt) is measured
     # 'static': the pseudo labels with RFM off (frozen CLIP only); a --no-rfm run has no other pseudo labels
     for source in ('cam', 'static') + (('pseudo',) if cfg.rfm else ()) + ('seg',):
         model.rfm = cfg.rfm and source != 'static'
+        label = f"evaluate {PASS_LABELS[source] + (' + CRF' if source == 'seg' and crf_available() else '')}"
         try: ev = evaluate_dataset(model, val, names, 'pseudo' if source == 'static' else source, crf=source == 'seg' and crf_available(),
-                                   long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm, progress=progress)
+                                   long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm,
+                                   progress=progress and label)
         finally: model.rfm = cfg.rfm
         res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
     doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
@@ -476,7 +485,7 @@ def main(argv=None):
         if cfg.report and int(os.environ.get('RANK', 0)) == 0:
             doc = report(cfg.out_dir, device=cfg.device)
             print(f"\nResults on {cfg.dataset} {doc['split']} ({doc['images']} images, multi-scale + flip):\n{doc['table']}")
-            if not crf_available(): print('(no seg + CRF column: DenseCRF is not installed; pip install "weclip[crf]")')
+            if not crf_available(): print(f'(no seg + CRF column: DenseCRF is not installed; {CRF_INSTALL})')
             out = Path(cfg.out_dir)
             print(f"\nSaved in {out}: last.pt and best.pt (decoder checkpoints), config.json, metrics.jsonl, results.json."
                   f"\nMeasure again: python -m weclip.evaluate --checkpoint {out / 'last.pt'} --source seg" + (' --crf' if crf_available() else ''))
