@@ -133,7 +133,7 @@ def test_crf_is_an_optional_extra(run_dir, monkeypatch):
     for cli, args in ((evaluate_cli, ['--checkpoint', ck, '--crf', '--quiet']),
                       (predict_cli, ['--checkpoint', ck, str(run_dir / 'toy' / 'JPEGImages'), '--crf', '--quiet'])):
         with pytest.raises(SystemExit) as e: cli(args)
-        assert 'pip install "weclip[crf]"' in str(e.value) and '\n' not in str(e.value), str(e.value)
+        assert 'pip install -e ".[crf]"' in str(e.value) and '3.13' in str(e.value) and '\n' not in str(e.value), str(e.value)
     doc = evaluate_cli(['--checkpoint', ck, '--quiet', '--max-images', '1', '--out', str(run_dir / 'nocrf')])
     assert list(doc['results']) == ['seg']
 

@@ -55,7 +55,7 @@ COVERAGE = {
                                                ('tests/test_train_cli.py', 'metrics.jsonl')],
     'Ctrl-C or SIGTERM': [('tests/test_train_cli.py', 'Continue with the same command and --resume.')],
     'a second Ctrl-C': [('tests/test_train_cli.py', 'Stopped at once by a second Ctrl-C')],
-    '`--crf` without DenseCRF': [('tests/test_evaluate_cli.py', 'pip install "weclip[crf]"')],
+    '`--crf` without DenseCRF': [('tests/test_evaluate_cli.py', 'pip install -e ".[crf]"')],
     '`predict --out` equal to': [('tests/test_evaluate_cli.py', 'is the input folder'),
                                  ('tests/test_evaluate_cli.py', 'over the input picture')],
     'two `predict`': [('tests/test_evaluate_cli.py', 'choose another --out,')],

@@ -12,7 +12,7 @@ def crf_marginals(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
                   bi_xy_std: float = 64, bi_rgb_std: float = 5, bi_w: float = 4, # bilateral kernel: θ_α, θ_β, w_1
                  ) -> np.ndarray:
     "Mean-field DenseCRF marginals (K,H,W) with numpy and pydensecrf alone: the module a CRF worker imports has no torch."
-    import pydensecrf.densecrf as dcrf               # optional dependency: pip install "weclip[crf]"
+    import pydensecrf.densecrf as dcrf               # optional dependency: the extra [crf] (README)
     from pydensecrf.utils import unary_from_softmax
     probs, image = np.asarray(probs), np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
