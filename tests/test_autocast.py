@@ -345,3 +345,32 @@ def test_gathered_par_trains_as_the_banded(toy_batches, backbone_text):
     assert all(torch.equal(x, y) for x, y in zip(la, lb)), [(x != y).sum().item() for x, y in zip(la, lb)]
     diff = max((p - q).abs().max().item() for p, q in zip(a.decoder.parameters(), b.decoder.parameters()))
     assert diff < 1e-5, diff
+
+
+# --- a GPU's warm step waits for nothing ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_warm_step_syncs_nothing_on_cuda(toy_batches, backbone_text, tmp_path):
+    """A warm training step as the trainer runs it on a GPU (pinned batch, bf16 autocast, RFM on, fused AdamW, the
+    schedule, the loss watch) under `torch.cuda.set_sync_debug_mode('error')`: no operation makes the host wait for the
+    GPU. (The step's one designed wait, the event before the box masks are found from M_init on the host, is an
+    `Event.synchronize`, which this mode does not see.)"""
+    from weclip.train import LossWatch
+    dev = torch.device('cuda', torch.cuda.current_device())
+    model = _model(backbone_text, device=dev)
+    opt = model.optimizer(2e-3)
+    assert opt.defaults['fused']
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 10)
+    watch = LossWatch(dev, tmp_path)
+    batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in toy_batches[1]]
+    def step(batch, it):
+        model.train()
+        with torch.autocast('cuda', dtype=torch.bfloat16): r = model(batch, iteration=it)
+        watch.add(r, it, batch)
+        opt.zero_grad(set_to_none=True); r['total'].backward(); opt.step(); sched.step()
+    step(batches[0], 1); step(batches[1], 2); torch.cuda.synchronize()     # warm: RFM on, caches and allocator filled
+    torch.cuda.set_sync_debug_mode('error')
+    try: step(batches[2], 3)
+    finally: torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(); watch.check(3)
+    print("a warm step under torch.cuda.set_sync_debug_mode('error'): no synchronizing call")
