@@ -132,18 +132,6 @@ def cuda_autocast_policy():
     finally: lib._destroy()
 
 
-@pytest.fixture
-def emulated():
-    "CUDA's autocast policy on the CPU for one test; afterwards the CPU's own registrations, checked."
-    before = _registered('AutocastCPU')
-    with cuda_autocast_policy() as lib: yield lib
-    assert _registered('AutocastCPU') == before
-    x = torch.randn(3, 5, dtype=torch.bfloat16)
-    with torch.autocast('cpu', dtype=torch.bfloat16):           # the CPU's own policy is back: bf16 softmax, BCE allowed
-        assert x.softmax(-1).dtype == torch.bfloat16
-        torch.nn.functional.binary_cross_entropy(x.float().sigmoid(), torch.rand(3, 5))
-
-
 def test_policy_covers_cuda_autocast():
     "Every operator the installed torch's CUDA autocast handles has its rule in the table, and every name is real."
     table, cuda = policy_table(), _registered('AutocastCUDA')
@@ -232,10 +220,16 @@ CASES = [('official', 'clean', 'weak'), ('paper', 'clean', 'weak'), ('official',
 
 @pytest.fixture
 def policy(request):
-    "The emulated CUDA policy on the CPU; real CUDA autocast on a GPU needs none."
-    if request.node.callspec.params.get('device', 'cpu') == 'cpu':
-        with cuda_autocast_policy(): yield
-    else: yield
+    "On the CPU the emulated CUDA policy for one test, then the CPU's own again (checked); a GPU needs none."
+    if request.node.callspec.params.get('device', 'cpu') != 'cpu':
+        yield; return
+    before = _registered('AutocastCPU')
+    with cuda_autocast_policy(): yield
+    assert _registered('AutocastCPU') == before
+    x = torch.randn(3, 5, dtype=torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):           # the CPU's own policy is back: bf16 softmax, BCE allowed
+        assert x.softmax(-1).dtype == torch.bfloat16
+        torch.nn.functional.binary_cross_entropy(x.float().sigmoid(), torch.rand(3, 5))
 
 
 @pytest.mark.parametrize('device', DEVICES)
