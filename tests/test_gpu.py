@@ -104,7 +104,7 @@ def test_step_waits_once_on_cuda():
     r = stages('ViT-B-16', batch=4, size=320, device='cuda', repeats=2)
     print(json.dumps({k: r[k] for k in ('syncs_per_step', 'waits_per_step', 'waits', 'device_ops_per_step', 'seconds')}))
     assert r['waits_per_step'] == 1, r['waits']
-    assert r['syncs_per_step'] <= 2, r
+    assert 1 <= r['syncs_per_step'] <= 2, r    # the step's designed wait (an event's, for M_init) is counted: at least 1
 
 
 def test_world_two_on_one_gpu_nccl(tmp_path, monkeypatch, tmp_path_factory):

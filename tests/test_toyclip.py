@@ -55,3 +55,17 @@ def test_not_a_tiny_clip_checkpoint(tmp_path):
         load_tiny_clip(weights=other)
     with pytest.raises(ToyClipError, match='no tiny-CLIP weights'):
         load_tiny_clip(weights=tmp_path / 'missing.pt')
+
+
+def test_full_disk_leaves_no_broken_weights(tmp_path, monkeypatch, capsys):
+    "A full disk while the weights are written: one line naming the file, and no file under its name."
+    import errno
+    from weclip.toyclip import main
+    def full(obj, f, *a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full)
+    out = tmp_path / 'w.pt'
+    with pytest.raises(SystemExit) as e:
+        main(['--train', '--steps', '1', '--n-train', '8', '--batch', '8', '--out', str(out), '--seed', '3'])
+    msg = str(e.value)
+    assert 'Could not write the tiny CLIP weights' in msg and str(out) in msg and 'No space left' in msg, msg
+    assert '\n' not in msg and not out.exists() and not list(tmp_path.glob('.w.pt.tmp-*'))

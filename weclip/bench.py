@@ -238,13 +238,15 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         timer = StageTimer(cuda)
         with amp, timer('step'): _timed_step(model, b, iteration, opt, timer)
         if i: runs.append(timer.seconds())
-    if cuda:                                           # every synchronising call warns once in this mode
+    if cuda:                                           # every synchronising call warns once in this mode; an event's
+        events, real = [], torch.cuda.Event.synchronize   # wait (the step's copy of M_init) does not, so it is counted here
+        def counted(e): events.append(e); return real(e)
         with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn')
+            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn'); torch.cuda.Event.synchronize = counted
             try:
                 with amp: _timed_step(model, b, iteration, opt, StageTimer(False))
-            finally: torch.cuda.set_sync_debug_mode('default')
-        syncs = sum('synchroniz' in str(x.message) for x in w)
+            finally: torch.cuda.set_sync_debug_mode('default'); torch.cuda.Event.synchronize = real
+        syncs = sum('synchroniz' in str(x.message) for x in w) + len(events)
     sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
     if not opt.defaults['fused']:                      # counted as a GPU runs it, on every device: with the fused AdamW
@@ -424,8 +426,8 @@ def main(argv=None):
     ap.add_argument('--repeats', type=int, default=3, help='timed steps per way (median reported)')
     ap.add_argument('--iteration', type=int, default=20000, help='training iteration (RFM is on after the switch-on)')
     ap.add_argument('--stages', action='store_true', help='seconds per stage of a training step of --model (CUDA events '
-                    'on a GPU), the waits for the device per step (counted on any device) and, on CUDA, its own count of '
-                    'host-device synchronisations')
+                    'on a GPU), the waits for the device per step (counted on any device) and, on CUDA, the host-device '
+                    'synchronisations it really makes (CUDA\'s sync-debug count plus event waits)')
     ap.add_argument('--busy', type=int, metavar='N', help='time the step stage by stage (fresh processes) on the idle '
                     'machine and beside N busy processes started here, each at the default thread count and at one '
                     'thread; print the seconds and the ratios default / best (progress on stderr)')

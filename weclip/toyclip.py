@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .backbone import TINY_CLIP, TINY_CLIP_CFG, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
 from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, parse_changes, make_scene
-from .data import NORMS, voc_palette
+from .data import NORMS, voc_palette, atomic_write, write_text
 from .cam import initial_cam
 from .rfm import pseudo_labels
 from .prompts import text_features
@@ -251,16 +251,18 @@ def train_tiny_clip(steps:int=800, # optimiser steps
             print(f"tiny CLIP step {step + 1}/{steps} | " + ' '.join(f'{k} {v:.3f}' for k, v in history[-1].items())
                   + f' | {before + time.time() - t1:.0f} s', flush=True)
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(), order=order,
-                            step=step + 1, history=history, elapsed=before + time.time() - t1), ckpt)
+            state = dict(model=model.state_dict(), opt=opt.state_dict(), gen=g.get_state(), order=order,
+                         step=step + 1, history=history, elapsed=before + time.time() - t1)
+            atomic_write(ckpt, lambda f: torch.save(state, f), what='the tiny CLIP checkpoint ')
     bar.close()
-    torch.save({k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, out)
+    weights = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    atomic_write(out, lambda f: torch.save(weights, f), what='the tiny CLIP weights ')
     summary = dict(steps=steps, seed=seed, n_train=n_train, preset=preset if isinstance(preset, str) else asdict(preset), size=size, batch=batch, lr=lr, shaped=list(shaped),
                    warmup=warmup, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16, device=device,
                    torch_threads=torch.get_num_threads(), render_s=round(t_render, 1),
                    train_s=round(before + time.time() - t1, 1), resumed_at=start,
                    final_terms={k: float(np.mean([h[k] for h in history[-20:]])) for k in history[-1]}, history=history)
-    out.with_suffix('.json').write_text(json.dumps(summary, indent=0))
+    write_text(out.with_suffix('.json'), json.dumps(summary, indent=0))
     if ckpt.is_file(): ckpt.unlink()
     return summary
 
