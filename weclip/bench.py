@@ -5,7 +5,8 @@
 # %% ../nbs/12_bench.ipynb #de59e520
 from __future__ import annotations
 import argparse, contextlib, json, os, resource, statistics, subprocess, sys, time, warnings
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
+if not {'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'} & set(os.environ):   # before torch loads OpenMP; why: README,
+    os.environ['GOMP_SPINCOUNT'] = '10000'                        # "A busy machine"
 import torch, torch.nn.functional as F
 import open_clip
 from .backbone import FrozenCLIP, load_clip, TINY_CLIP

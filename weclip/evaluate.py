@@ -5,7 +5,8 @@
 # %% ../nbs/10_evaluate.ipynb #24c3784c
 from __future__ import annotations
 import argparse, collections, contextlib, dataclasses, importlib, itertools, json, math, multiprocessing, os, sys, time, types
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
+if not {'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'} & set(os.environ):   # before torch loads OpenMP; why: README,
+    os.environ['GOMP_SPINCOUNT'] = '10000'                        # "A busy machine"
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 import numpy as np

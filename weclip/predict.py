@@ -5,7 +5,8 @@
 # %% ../nbs/10b_predict.ipynb #1f61f85d
 from __future__ import annotations
 import argparse, os, sys, time
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
+if not {'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'} & set(os.environ):   # before torch loads OpenMP; why: README,
+    os.environ['GOMP_SPINCOUNT'] = '10000'                        # "A busy machine"
 from concurrent.futures import Future
 from pathlib import Path
 import numpy as np

@@ -5,7 +5,8 @@
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
 import dataclasses, inspect, json, os, random, re, shutil, signal, sys, threading, time
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # before torch loads OpenMP; why: README, "A busy machine"
+if not {'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'} & set(os.environ):   # before torch loads OpenMP; why: README,
+    os.environ['GOMP_SPINCOUNT'] = '10000'                        # "A busy machine"
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
