@@ -142,11 +142,18 @@ def _forward(self: WeCLIP,
     return self.supervise(images, labels, valid, out, M_init, iteration, target=target)
 WeCLIP.forward = _forward
 
+# %% ../nbs/08_model.ipynb #9921bffd
 def _copy_event(device: torch.device):
     "A CUDA event recorded now on `device` (None elsewhere): waiting on it waits for work issued so far, not for later work."
     if device.type != 'cuda': return None
     e = torch.cuda.Event(); e.record(torch.cuda.current_stream(device)); return e
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    "`t` (on the host) on `device`, copied without a host wait: a CUDA copy goes through pinned memory (from pageable memory CUDA may copy synchronously)."
+    if device.type != 'cuda': return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+# %% ../nbs/08_model.ipynb #ca708df1
 def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Tensor, iteration: int | None,
                boxes_fn=box_mask, refine_fn=refine_cam, labels_fn=pseudo_labels, target=None) -> dict:
     "Decoder → P, A_f; boxes, RFM and PAR → M_p (no gradient); losses on M_p, or on `target` (B,H,W) if given. The `*_fn` stages can be swapped (the benchmark's references)."
@@ -158,7 +165,7 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
         A_f = affinity(F_u.float())                        # A_f, RFM, PAR and the losses stay fp32 (a bf16 sigmoid is 1.0
         with torch.no_grad():                              # above 5.5; autocast refuses the paper variant's BCE)
             if copied is not None: copied.synchronize()    # the step's one wait: for M_init, not for the decoder
-            boxes = boxes_fn(M_host, self.box_threshold).to(dev, non_blocking=True)
+            boxes = _to_device(boxes_fn(M_host, self.box_threshold), dev)
             M_f = refine_fn(M_init, labels, out['attn'].float(), A_f.detach(), boxes,
                             iteration=(None if iteration is None else iteration + 1) if self.rfm else 0,
                             switch_on=self.rfm_start, n_layers=self.rfm_layers, abs_diff=paper, strict=paper,
