@@ -437,16 +437,14 @@ def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> 
     "The device waits, operations and kernels of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it (PAR gathered), on any device."
     tensors = [*model.parameters(), *model.buffers()]               # the text features too (buffers not saved)
     tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
-    import weclip.model as wm
     gathered, rfm.PAR_GATHERED = rfm.PAR_GATHERED, True          # PAR the GPU's way
-    to_device, wm._to_device = wm._to_device, lambda t, device: t.to(device, non_blocking=True)   # and the box masks'
-    try:                                                          # copy (pinned on a GPU: the host does not wait)
+    try:
         with DeviceWaits(tensors, [batch['labels']]) as w:
             r = model(batch, iteration=iteration)
             w.phase = 'backward'; r['total'].backward()
             w.phase = 'optimizer'
             if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
-    finally: rfm.PAR_GATHERED, wm._to_device = gathered, to_device
+    finally: rfm.PAR_GATHERED = gathered
     return w
 
 # %% ../nbs/12_bench.ipynb #3e7d0afe

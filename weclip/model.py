@@ -158,7 +158,7 @@ def _copy_event(device: torch.device):
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     "`t` (on the host) on `device`, copied without a host wait: a CUDA copy goes through pinned memory (from pageable memory CUDA may copy synchronously)."
-    if device.type != 'cuda': return t.to(device)
+    if device.type != 'cuda': return t.to(device, non_blocking=True)
     return t.pin_memory().to(device, non_blocking=True)
 
 # %% ../nbs/08_model.ipynb #ca708df1
