@@ -14,11 +14,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette',
-           'WriteError', 'atomic_write', 'write_text', 'write_mask', 'to_rgb', 'cap_long_side', 'read_image',
-           'read_mask', 'write_label_file', 'read_label_file', 'normalize', 'denormalize', 'random_crop',
-           'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader',
-           'one_line', 'plot_label_stats']
+__all__ = ['COCO_CATEGORIES', 'IGNORE', 'TOY_PALETTE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError',
+           'voc_palette', 'WriteError', 'atomic_write', 'write_text', 'write_mask', 'palette_for', 'to_rgb',
+           'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file', 'normalize',
+           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
+           'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
 from .prompts import VOC_CLASSES  # the 20 VOC names, in mask order (one list for the kit)
@@ -49,6 +49,7 @@ def voc_palette(n:int=256) -> list[int]:
         pal += [r, g, b]
     return pal
 
+# %% ../nbs/06_data.ipynb #26925499
 class WriteError(OSError):
     "A file could not be written (a full disk, a quota, permissions); the message names it, what was kept and the fix."
 
@@ -80,6 +81,7 @@ def atomic_write(path, write, # `write(f)` fills `f`, the temporary file opened 
         finally: os.close(dfd)
     return path
 
+# %% ../nbs/06_data.ipynb #8bf63831
 def write_text(path, text:str, fix:str='Free disk space, or write elsewhere.') -> Path:
     "`atomic_write` of a UTF-8 text file (results.json, config.json)."
     return atomic_write(path, lambda f: f.write(text.encode()), fix)
@@ -88,6 +90,18 @@ def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose anothe
     "Save a (H,W) uint8 class-index mask as a VOC palette PNG, through a temporary name then a rename (`atomic_write`)."
     im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(voc_palette())
     return atomic_write(path, lambda f: im.save(f, format='PNG'), fix)
+
+# %% ../nbs/06_data.ipynb #bcb262e2
+TOY_PALETTE = {'circle': (220, 20, 40), 'square': (245, 120, 0), 'triangle': (250, 230, 40), 'star': (35, 160, 55),
+               'cross': (45, 90, 235), 'hexagon': (150, 60, 200), 'diamond': (245, 105, 185), 'crescent': (0, 200, 210)}
+
+def palette_for(names, # the mask's labels in order, background first ('background', 'circle', ...)
+                n:int=256) -> list[int]:
+    "Flat palette of `n` colours for masks labelled `names`: the toy shapes' colours when every foreground name is a toy shape, else VOC's."
+    pal, fg = voc_palette(n), list(names)[1:]
+    if fg and all(c in TOY_PALETTE for c in fg):
+        for i, c in enumerate(fg[:n - 1], 1): pal[3*i:3*i + 3] = TOY_PALETTE[c]
+    return pal
 
 # %% ../nbs/06_data.ipynb #3aa1295c
 _FIX_VOC = 'prepare it with data_scripts/prepare_voc.py'

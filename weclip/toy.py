@@ -345,11 +345,13 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
                  make_caption(objects, tex, r_cap, cfg.caption_words), tex, objects)
 
 # %% ../nbs/07_toyworld.ipynb #d5b290bd
-def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True):
-    "Grid of scenes (and their masks under them); captions as titles."
+def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True,
+                classes:tuple=SHAPES, # the scenes' classes (`ToyConfig.classes`): the masks' colours
+               ):
+    "Grid of scenes (and their masks under them, in the toy palette); captions as titles."
     import matplotlib.pyplot as plt            # optional dependency: only for pictures
-    from weclip.data import voc_palette  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
-    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    from weclip.data import palette_for  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
+    pal = np.array(palette_for(('background', *classes)), np.uint8).reshape(-1, 3)
     nrows = -(-len(scenes) // ncols) * (2 if masks else 1)
     fig, axs = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
     for i, s in enumerate(scenes):

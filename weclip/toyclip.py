@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .backbone import TINY_CLIP, TINY_CLIP_CFG, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
 from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, parse_changes, make_scene
-from .data import NORMS, voc_palette, atomic_write, write_text
+from .data import NORMS, palette_for, atomic_write, write_text
 from .cam import initial_cam
 from .rfm import pseudo_labels
 from .prompts import text_features
@@ -430,7 +430,7 @@ def show_toy_cams(images:np.ndarray, # (B, H, W, 3) uint8
                   names:tuple=SHAPES):
     "One row per scene: image, true mask, each labelled class's CAM over the image, pseudo label."
     import matplotlib.pyplot as plt  # optional dependency: only for pictures
-    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    pal = np.array(palette_for(('background', *names)), np.uint8).reshape(-1, 3)
     k = max(1, int((cams.flatten(2).amax(-1) > 0).sum(1).max()))
     B, (H, W) = len(images), images.shape[1:3]
     fig, axs = plt.subplots(B, 3 + k, figsize=(1.9 * (3 + k), 1.9 * B), squeeze=False)
