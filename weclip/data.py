@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ['COCO_CATEGORIES', 'IGNORE', 'TOY_PALETTE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError',
            'voc_palette', 'WriteError', 'atomic_write', 'write_text', 'write_mask', 'palette_for', 'to_rgb',
            'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file', 'normalize',
-           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO',
-           'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
+           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'read_split', 'split_labels', 'SegDataset',
+           'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
 from .prompts import VOC_CLASSES  # the 20 VOC names, in mask order (one list for the kit)
@@ -53,6 +53,7 @@ def voc_palette(n:int=256) -> list[int]:
 class WriteError(OSError):
     "A file could not be written (a full disk, a quota, permissions); the message names it, what was kept and the fix."
 
+# %% ../nbs/06_data.ipynb #bc60a0b3
 def atomic_write(path, write, # `write(f)` fills `f`, the temporary file opened for binary writing
                  fix:str='Free disk space, or write elsewhere.', # the advice when the write fails
                  what:str='', # words before the path in the message ('the checkpoint ')
@@ -114,6 +115,7 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (white
 
 def _one(text) -> str: return ' '.join(str(text).split())  # a message on one line
 
+# %% ../nbs/06_data.ipynb #2beae944
 def to_rgb(im:Image.Image, path='(in memory)') -> np.ndarray:
     "(H,W,3) uint8 RGB of a PIL image of any common mode, by its true range; `DatasetError` naming `path` otherwise."
     mode = im.mode
@@ -141,6 +143,7 @@ def cap_long_side(image:np.ndarray, max_side:int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((max(1, round(w * r)), max(1, round(h * r))), Image.BILINEAR,
                                                     reducing_gap=3.0))
 
+# %% ../nbs/06_data.ipynb #0e8eac63
 def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|None=None, upright:bool=False
               ) -> np.ndarray:
     "RGB image at `path` as a (H,W,3) uint8 array (long side capped at `max_side`); else a one-line `DatasetError`."
@@ -164,6 +167,7 @@ def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|Non
         raise DatasetError(f'cannot read image {path} ({type(e).__name__}: {_one(e)}). Fix: {fix}.') from None
     return cap_long_side(rgb, max_side) if max_side else rgb
 
+# %% ../nbs/06_data.ipynb #bced75d6
 def read_mask(path, n_classes:int|None=None, label_file=None) -> np.ndarray:
     "Class-index mask at `path` (palette or greyscale PNG) as (H,W) uint8; values checked < `n_classes` (or 255)."
     try:
@@ -272,6 +276,7 @@ class TrainTransform:
         if mask is not None: out['mask'] = torch.from_numpy(mask.astype(np.int64))
         return out
 
+# %% ../nbs/06_data.ipynb #49f7a6fb
 @dataclass
 class EvalTransform:
     "Evaluation: the whole image at its original size, normalised; multi-scale inference resizes it later."
@@ -293,50 +298,45 @@ def _find_root(root, required:tuple[str, ...], kind:str, fix:str, nested=('VOC20
     raise DatasetError(f'{root} is not a {kind} layout: expected the folders {", ".join(required)} under it{where}. '
                        f'Fix: point root at the prepared dataset, or {fix}.')
 
-# %% ../nbs/06_data.ipynb #7739d5b3
-class SegDataset(Dataset):
-    "One split of a dataset in VOC layout: images, image-level labels from the label file, masks on request."
-    def __init__(self, root, split:str, img_dir, mask_dir, transform=None, label_file=None,
-                 with_masks:bool|None=None, seed:int|None=0, fix:str=_FIX_VOC):
-        self.root, self.split, self.img_dir, self.mask_dir = Path(root), split, Path(img_dir), Path(mask_dir)
-        self.transform = EvalTransform() if transform is None else transform
-        self.seed, self.epoch = seed, 0
-        sets = self.root / 'ImageSets' / 'Segmentation'
-        split_file = sets / f'{split}.txt'
-        if not split_file.is_file():
-            have = sorted(p.stem for p in sets.glob('*.txt'))
-            raise DatasetError(f'split file {split_file} not found (splits here: {have}). Fix: {fix}.')
-        try: self.names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DatasetError(f'split file {split_file} cannot be read as text ({type(e).__name__}: {_one(e)}). '
-                               f'Fix: write one image name per line into it, or {fix}.') from None
-        if not self.names:
-            raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
-                               f'Fix: write one image name per line into it, or {fix}.')
-        seen = set(); twice = sorted({n for n in self.names if n in seen or seen.add(n)})
-        if twice:   # an image listed twice would count twice in every mIoU
-            raise DatasetError(f'split file {split_file} lists {len(twice)} image(s) more than once (e.g. {twice[:3]}). '
-                               'Fix: keep one line per image (sort -u the file).')
-        self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
-        self.is_test = split == 'test'                                      # VOC test: images only
-        if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)
-        self.with_masks = with_masks
-        if with_masks: self._check_files(split_file, self.mask_dir, '.png', 'mask', fix)
-        self.label_file = Path(label_file) if label_file else sets / 'cls_labels.json'
-        if not self.label_file.exists() and (sets / 'cls_labels_onehot.npy').exists() and not label_file:
-            self.label_file = sets / 'cls_labels_onehot.npy'
-        self.classes, self.labels = None, None
-        if not self.is_test or self.label_file.exists():
-            self.classes, table = read_label_file(self.label_file)
-        if not self.is_test:
-            missing = [n for n in self.names if n not in table]
-            if missing:
-                raise DatasetError(f'label file {self.label_file} has no labels for {len(missing)} of the '
-                                   f'{len(self.names)} images of {split_file} (e.g. {missing[:3]}). Fix: regenerate '
-                                   f'the label file for this split ({fix}) or pass the right label_file=.')
-            self.labels = torch.from_numpy(np.stack([table[n] for n in self.names])) if self.names else \
-                torch.zeros(0, len(self.classes))
+# %% ../nbs/06_data.ipynb #faaefa3e
+def read_split(split_file:Path, fix:str) -> list[str]:
+    "The image names of a split file, one a line; a `DatasetError` if it cannot be read, is empty or lists a name twice."
+    try: names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f'split file {split_file} cannot be read as text ({type(e).__name__}: {_one(e)}). '
+                           f'Fix: write one image name per line into it, or {fix}.') from None
+    if not names:
+        raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
+                           f'Fix: write one image name per line into it, or {fix}.')
+    seen = set(); twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:   # an image listed twice would count twice in every mIoU
+        raise DatasetError(f'split file {split_file} lists {len(twice)} image(s) more than once (e.g. {twice[:3]}). '
+                           'Fix: keep one line per image (sort -u the file).')
+    return names
 
+# %% ../nbs/06_data.ipynb #44ab87d9
+def split_labels(names:list[str], split_file:Path, sets:Path, label_file, is_test:bool, fix:str):
+    "(label file, classes, (N, C) labels of `names`) of a split; a `DatasetError` names the images the label file lacks."
+    given = label_file
+    label_file = Path(label_file) if label_file else sets / 'cls_labels.json'
+    if not label_file.exists() and (sets / 'cls_labels_onehot.npy').exists() and not given:
+        label_file = sets / 'cls_labels_onehot.npy'
+    classes, labels = None, None
+    if not is_test or label_file.exists():
+        classes, table = read_label_file(label_file)
+    if not is_test:
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise DatasetError(f'label file {label_file} has no labels for {len(missing)} of the '
+                               f'{len(names)} images of {split_file} (e.g. {missing[:3]}). Fix: regenerate '
+                               f'the label file for this split ({fix}) or pass the right label_file=.')
+        labels = torch.from_numpy(np.stack([table[n] for n in names])) if names else \
+            torch.zeros(0, len(classes))
+    return label_file, classes, labels
+
+# %% ../nbs/06_data.ipynb #164002a4
+class _SplitFiles:
+    "Where a split's pictures and masks are, and the check that every listed one is there (`SegDataset`'s files)."
     def _check_files(self, split_file, folder, ext, what, fix):
         have = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
         if what == 'image':   # a picture that is not NAME.jpg may be NAME.png, NAME.jpeg, ... (a prepared folder of your own)
@@ -359,6 +359,28 @@ class SegDataset(Dataset):
         "Path of the mask of image `name`."
         p = self.mask_dir / f'{name}.png'
         return p if p.exists() else self.mask_dir / f'{self._alt(name)}.png'
+
+# %% ../nbs/06_data.ipynb #7739d5b3
+class SegDataset(_SplitFiles, Dataset):
+    "One split of a dataset in VOC layout: images, image-level labels from the label file, masks on request."
+    def __init__(self, root, split:str, img_dir, mask_dir, transform=None, label_file=None,
+                 with_masks:bool|None=None, seed:int|None=0, fix:str=_FIX_VOC):
+        self.root, self.split, self.img_dir, self.mask_dir = Path(root), split, Path(img_dir), Path(mask_dir)
+        self.transform = EvalTransform() if transform is None else transform
+        self.seed, self.epoch = seed, 0
+        sets = self.root / 'ImageSets' / 'Segmentation'
+        split_file = sets / f'{split}.txt'
+        if not split_file.is_file():
+            have = sorted(p.stem for p in sets.glob('*.txt'))
+            raise DatasetError(f'split file {split_file} not found (splits here: {have}). Fix: {fix}.')
+        self.names = read_split(split_file, fix)
+        self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
+        self.is_test = split == 'test'                                      # VOC test: images only
+        if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)
+        self.with_masks = with_masks
+        if with_masks: self._check_files(split_file, self.mask_dir, '.png', 'mask', fix)
+        self.label_file, self.classes, self.labels = split_labels(self.names, split_file, sets, label_file,
+                                                                  self.is_test, fix)
 
     def set_epoch(self, epoch:int):
         "Draw the augmentations of epoch `epoch` (with a seed, epoch e is the same in every run)."
@@ -482,7 +504,9 @@ def one_line(exc:BaseException) -> str:
     return _one(msg) or type(exc).__name__
 
 # %% ../nbs/06_data.ipynb #f394dd1c
-def plot_label_stats(dataset:SegDataset, axes=None):
+def plot_label_stats(dataset:SegDataset, axes=None,
+                     name:str|None=None, # the dataset's name in the title (default: its class and split)
+                    ):
     "Bar plots of the images per class and of the number of labels per image of `dataset`."
     import matplotlib.pyplot as plt
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(12, 3), gridspec_kw={'width_ratios': [3, 1]})
@@ -490,7 +514,7 @@ def plot_label_stats(dataset:SegDataset, axes=None):
     per_class, per_image = labels.sum(0), labels.sum(1).long()
     axes[0].bar(range(len(per_class)), per_class.numpy())
     axes[0].set_xticks(range(len(per_class)), dataset.classes, rotation=90, fontsize=7 if len(per_class) > 30 else 9)
-    axes[0].set_ylabel('images'); axes[0].set_title(f'{type(dataset).__name__} {dataset.split}: images per class')
+    axes[0].set_ylabel('images'); axes[0].set_title(f'{name or type(dataset).__name__ + " " + dataset.split}: images per class')
     counts = torch.bincount(per_image)
     axes[1].bar(range(len(counts)), counts.numpy()); axes[1].set_xlabel('labels per image')
     axes[1].set_title(f'{len(dataset)} images'); axes[0].figure.tight_layout()
