@@ -432,28 +432,34 @@ class COCO(SegDataset):
 
     def _alt(self, name): return name.rsplit('_', 1)[-1]  # COCO_train2014_000000000009 → 000000000009.png
 
+# %% ../nbs/06_data.ipynb #b471e8c8
+def _tiny_picture(rng:np.random.Generator, n_classes:int, borders:bool) -> tuple[np.ndarray, np.ndarray]:
+    "A picture of 1-3 class rectangles in their VOC colours on grey, and its mask (with 255 on their top and bottom rows if `borders`)."
+    pal = np.array(voc_palette()).reshape(-1, 3)
+    h, w = int(rng.integers(40, 90)), int(rng.integers(50, 120))
+    mask = np.zeros((h, w), np.uint8)
+    present = rng.choice(n_classes, int(rng.integers(1, 4)), replace=False)
+    for c in present:
+        y0, x0 = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
+        y1, x1 = y0 + int(rng.integers(12, h - y0 + 1)), x0 + int(rng.integers(12, w - x0 + 1))
+        mask[y0:y1, x0:x1] = c + 1
+        if borders: mask[y0, x0:x1] = mask[y1 - 1, x0:x1] = IGNORE  # VOC-like borders
+    image = np.where(mask[..., None] == 0, 100, pal[np.minimum(mask, len(pal) - 1)]).astype(np.uint8)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    return image, mask
+
 # %% ../nbs/06_data.ipynb #cf59a1cb
 def make_tiny_dataset(root, layout:str='voc', n_train:int=6, n_val:int=3, n_test:int=2, classes=None, seed:int=0) -> Path:
     "Write a tiny dataset in the `layout` ('voc' or 'coco') under `root`; returns the root to give `VOC`/`COCO`."
     root = Path(root); rng = np.random.default_rng(seed)
     classes = list(classes or (VOC_CLASSES if layout == 'voc' else COCO_CATEGORIES))
     sets = root / 'ImageSets' / 'Segmentation'; sets.mkdir(parents=True, exist_ok=True)
-    pal = np.array(voc_palette()).reshape(-1, 3)
     splits, labels = {}, {}
     for split, n in (('train', n_train), ('val', n_val), ('test', n_test if layout == 'voc' else 0)):
         names = []
         for i in range(n):
             name = f'2007_{split}{i:03d}' if layout == 'voc' else f'COCO_{split}2014_{i:012d}'
-            h, w = int(rng.integers(40, 90)), int(rng.integers(50, 120))
-            mask = np.zeros((h, w), np.uint8)
-            present = rng.choice(len(classes), int(rng.integers(1, 4)), replace=False)
-            for c in present:
-                y0, x0 = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
-                y1, x1 = y0 + int(rng.integers(12, h - y0 + 1)), x0 + int(rng.integers(12, w - x0 + 1))
-                mask[y0:y1, x0:x1] = c + 1
-                if layout == 'voc': mask[y0, x0:x1] = mask[y1 - 1, x0:x1] = IGNORE  # VOC-like borders
-            image = np.where(mask[..., None] == 0, 100, pal[np.minimum(mask, len(pal) - 1)]).astype(np.uint8)
-            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+            image, mask = _tiny_picture(rng, len(classes), layout == 'voc')
             sub = '' if layout == 'voc' else split
             (root / 'JPEGImages' / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(root / 'JPEGImages' / sub / f'{name}.jpg', quality=95)
