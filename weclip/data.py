@@ -87,9 +87,11 @@ def write_text(path, text:str, fix:str='Free disk space, or write elsewhere.') -
     "`atomic_write` of a UTF-8 text file (results.json, config.json)."
     return atomic_write(path, lambda f: f.write(text.encode()), fix)
 
-def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose another output folder.'):
-    "Save a (H,W) uint8 class-index mask as a VOC palette PNG, through a temporary name then a rename (`atomic_write`)."
-    im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(voc_palette())
+def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose another output folder.',
+               palette:list[int]|None=None, # the PNG's colours (`palette_for`); None: VOC's
+              ):
+    "Save a (H,W) uint8 class-index mask as a palette PNG (VOC's colours by default), through a temporary name then a rename (`atomic_write`)."
+    im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(palette or voc_palette())
     return atomic_write(path, lambda f: im.save(f, format='PNG'), fix)
 
 # %% ../nbs/06_data.ipynb #bcb262e2

@@ -413,7 +413,8 @@ def write_toy_dataset(root, # dataset folder (created)
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from weclip.data import write_mask, write_label_file, write_text as _write_text  # here, not at the top: it imports torch (2.6 s measured)
+    from weclip.data import write_mask, write_label_file, palette_for, write_text as _write_text  # here, not at the top: it imports torch (2.6 s measured)
+    pal = palette_for(('background', *cfg.classes))   # the masks' PNG colours: the toy palette
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not (progress and sys.stderr.isatty()))  # no bar in a batch log
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):
@@ -425,7 +426,7 @@ def write_toy_dataset(root, # dataset folder (created)
             files = [root / 'JPEGImages' / f'{name}.jpg'] + [root / d / f'{name}.png'
                                                               for d in ('SegmentationClass', 'SegmentationClassAug')]
             if not all(f.exists() for f in files):
-                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL); write_mask(files[2], s.mask, _FIX_FULL)
+                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL, pal); write_mask(files[2], s.mask, _FIX_FULL, pal)
             bar.update()
     bar.close()
     splits['train_aug'] = splits['train']
