@@ -349,8 +349,8 @@ def test_gathered_par_trains_as_the_banded(toy_batches, backbone_text):
 @pytest.mark.gpu
 def test_warm_step_syncs_nothing_on_cuda(toy_batches, backbone_text, tmp_path):
     """A warm training step as the trainer runs it on a GPU (pinned batch, bf16 autocast, RFM on, fused AdamW, the
-    schedule, the loss watch) under `torch.cuda.set_sync_debug_mode('error')`: no operation makes the host wait for the
-    GPU. (The step's one designed wait, the event before the box masks are found from M_init on the host, is an
+    schedule, the loss watch, the box masks copied up through pinned memory) under
+    `torch.cuda.set_sync_debug_mode('error')`: no operation makes the host wait for the GPU. (The step's one designed wait, the event before the box masks are found from M_init on the host, is an
     `Event.synchronize`, which this mode does not see.)"""
     from weclip.train import LossWatch
     dev = torch.device('cuda', torch.cuda.current_device())

@@ -4,7 +4,9 @@
     python tools/outputs.py check                    # what CI runs (through tests/test_outputs.py)
 
 `refresh` runs each notebook the way `nbdev_test` does (cells marked `#| slow`, `#| gpu` or `#| eval: false` are
-skipped), with one BLAS thread and matplotlib's plain PNG output, so a rerun draws the same pictures. It stamps every
+skipped), except that a notebook with a CPU-sized `SMOKE` mode (`SMOKE_RUNS`: 13_reproduce) runs its `#| gpu` cells
+in that mode, so its recipe shows the format of every step (`nbdev_test` without `--flags gpu` still skips them).
+It runs with one BLAS thread and matplotlib's plain PNG output, so a rerun draws the same pictures. It stamps every
 executed code cell with a hash of its source, the library's sources and the shipped weights (cell metadata `weclip`,
 which `nbdev_clean` keeps), then runs `nbdev_clean`. `check` fails when a figure cell has no picture, when an output
 is stale (its stamp no longer matches: the cell, the library or the weights changed since it ran), or when the
@@ -19,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / 'nbs'
 MAX_NB, MAX_ALL = 1_000_000, 6_000_000
 SKIP_FLAGS = ('slow', 'gpu')
+# notebooks whose `#| gpu` cells have a SMOKE mode that runs on a CPU: `refresh` executes those cells with this
+# environment (the one tests/test_reproduce.py gives them) and `check` wants their outputs like any other cell's
+SMOKE_RUNS = {'13_reproduce': {'WECLIP_SMOKE': '1', 'CUDA_VISIBLE_DEVICES': ''}}
 STAGES = ('00_backbone', '01_prompts', '02_cam', '03_decoder', '04_rfm', '05_losses', '08_model', '10_evaluate',
           '10b_predict', '11_train', '06b_owndata')   # the stage notebooks: every `##` section with code shows an output
 FIGURE = re.compile(r'^(?!\s*#).*(plt\.|\bshow_(?!doc\b)\w+\(|\.imshow\(|\bsubplots\()', re.M)   # a cell that draws
@@ -34,10 +39,11 @@ def _directives(src: str) -> dict:
     return out
 
 
-def skipped(src: str) -> bool:
-    "Whether `nbdev_test` (without --flags) skips this code cell."
+def skipped(src: str, smoke: bool = False) -> bool:
+    "Whether `refresh` skips this code cell: what `nbdev_test` (without --flags) skips, but `#| gpu` cells run when `smoke`."
     d = _directives(src)
-    return any(f in d for f in SKIP_FLAGS) or d.get('eval:', '').lower() == 'false' or 'nbdev_export(' in src
+    flags = tuple(f for f in SKIP_FLAGS if not (smoke and f == 'gpu'))
+    return any(f in d for f in flags) or d.get('eval:', '').lower() == 'false' or 'nbdev_export(' in src
 
 
 def library_digest() -> str:
@@ -58,6 +64,8 @@ def _source(cell) -> str: return ''.join(cell['source']) if isinstance(cell['sou
 def refresh_one(path: str) -> str:
     "Execute one notebook in place (outputs kept, code cells stamped); returns a line for the log."
     os.environ['OMP_NUM_THREADS'] = '1'
+    smoke = Path(path).stem in SMOKE_RUNS
+    if smoke: os.environ.update(SMOKE_RUNS[Path(path).stem])   # before torch and the notebook read it (a process of its own)
     import time
     import torch; torch.set_num_threads(1)
     from execnb.shell import CaptureShell
@@ -68,11 +76,11 @@ def refresh_one(path: str) -> str:
         if c.cell_type == 'code': c.outputs = []       # a cell that prints nothing now must not keep its old output
     shell = CaptureShell(path, mpl_format='png')
     cwd = os.getcwd(); os.chdir(path.parent)
-    try: shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != 'code' or skipped(c.source))
+    try: shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != 'code' or skipped(c.source, smoke))
     finally: os.chdir(cwd)
     for c in nb.cells:
         if c.cell_type != 'code': continue
-        if skipped(c.source): c.outputs = []; c.metadata.pop('weclip', None)
+        if skipped(c.source, smoke): c.outputs = []; c.metadata.pop('weclip', None)
         else: c.metadata['weclip'] = stamp(c.source, digest)
     write_nb(nb, path)
     return f'{path.name}: {time.time() - t:.0f} s'
@@ -103,7 +111,7 @@ def problems(paths=None) -> list[str]:
         for i, c in enumerate(json.loads(p.read_text())['cells']):
             if c['cell_type'] != 'code': continue
             src = _source(c)
-            if skipped(src): continue
+            if skipped(src, p.stem in SMOKE_RUNS): continue
             where = f"{p.name} cell {i} ({c.get('id', '?')})"
             if FIGURE.search(src) and 'export' not in _directives(src) and not any('image/png' in o.get('data', {}) for o in c.get('outputs', [])):
                 out.append(f'{where}: draws a figure, and no picture is committed under it')
@@ -124,7 +132,7 @@ def silent_sections(path) -> list[str]:
             if m: title = m[1].strip(); sections.setdefault(title, [0, 0])
             continue
         d = _directives(src)
-        if title is None or 'export' in d or 'hide' in d or skipped(src): continue
+        if title is None or 'export' in d or 'hide' in d or skipped(src, Path(path).stem in SMOKE_RUNS): continue
         sections[title][0] += 1; sections[title][1] += bool(c.get('outputs'))
     return [t for t, (n, shown) in sections.items() if n and not shown]
 

@@ -14,8 +14,9 @@ from open_clip.transformer import VisionTransformer, ResidualAttentionBlock, tex
 
 # %% auto #0
 __all__ = ['POS_INTERP', 'NUMERICS', 'LOCAL_PRETRAINED', 'TINY_CLIP', 'TINY_CLIP_CFG', 'TINY_CLIP_TAG', 'check_choice',
-           'FrozenCLIP', 'resize_pos_embed', 'attention', 'show_attention', 'BackboneError', 'check_model_name',
-           'openai_quick_gelu', 'read_clip_weights', 'load_clip', 'register_model_config', 'measure_forward', 'main']
+           'FrozenCLIP', 'resize_pos_embed', 'attention', 'attention_norm', 'show_attention', 'BackboneError',
+           'check_model_name', 'openai_quick_gelu', 'read_clip_weights', 'pretrained_path', 'load_clip',
+           'register_model_config', 'measure_forward', 'main']
 
 # %% ../nbs/00_backbone.ipynb #1ee2c129
 POS_INTERP = ('bicubic', 'bilinear')
@@ -25,6 +26,7 @@ def check_choice(name: str, value, choices):
     "Raise a ValueError naming `name`, the bad `value` and the valid `choices`."
     if value not in choices: raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
+# %% ../nbs/00_backbone.ipynb #c97498c2
 class FrozenCLIP(nn.Module):
     "A frozen open_clip ViT: per-block tokens and attention maps from one pass, at any multiple of the patch size."
     def __init__(self, clip_model: nn.Module, model_name: str | None = None,
@@ -51,25 +53,26 @@ class FrozenCLIP(nn.Module):
         self._pos = {}  # (gh, gw, device, dtype, pos_interp, numerics) -> (1+gh*gw, D) positional embedding
         self.eval()
 
-    @property
-    def visual(self): return self.clip.visual
-    @property
-    def blocks(self): return self.clip.visual.transformer.resblocks
     def train(self, mode: bool = True):
         "Stay in eval mode: the backbone is frozen."
         return super().train(False)
 
-    @classmethod
-    def from_pretrained(cls, model_name='ViT-B-16', weights='openai', device='cpu', pos_interp='bicubic',
-                        numerics='clean', **kwargs):
-        "Load CLIP with `load_clip` and wrap it."
-        return cls(load_clip(model_name, weights, device=device, **kwargs), model_name, pos_interp, numerics)
+# %% ../nbs/00_backbone.ipynb #35ae6633
+FrozenCLIP.visual = property(lambda self: self.clip.visual)                           # the open_clip image tower
+FrozenCLIP.blocks = property(lambda self: self.clip.visual.transformer.resblocks)     # its N residual blocks
 
-    def __repr__(self):
-        return (f"FrozenCLIP({self.model_name or 'custom'}: {self.depth} blocks, width {self.width}, "
-                f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim}"
-                + (f", {self.pos_interp} positions" if self.pos_interp != 'bicubic' else '')
-                + (f", {self.numerics} numerics" if self.numerics != 'clean' else '') + ")")
+def _from_pretrained(cls, model_name='ViT-B-16', weights='openai', device='cpu', pos_interp='bicubic',
+                     numerics='clean', **kwargs):
+    "Load CLIP with `load_clip` and wrap it."
+    return cls(load_clip(model_name, weights, device=device, **kwargs), model_name, pos_interp, numerics)
+FrozenCLIP.from_pretrained = classmethod(_from_pretrained)
+
+def _repr(self: FrozenCLIP):
+    return (f"FrozenCLIP({self.model_name or 'custom'}: {self.depth} blocks, width {self.width}, "
+            f"{self.heads} heads, patch {self.patch_size}, embed {self.embed_dim}"
+            + (f", {self.pos_interp} positions" if self.pos_interp != 'bicubic' else '')
+            + (f", {self.numerics} numerics" if self.numerics != 'clean' else '') + ")")
+FrozenCLIP.__repr__ = _repr
 
 # %% ../nbs/00_backbone.ipynb #bef76b1c
 def resize_pos_embed(pe: torch.Tensor, # (1+h0*w0, D) class token's embedding first, then the grid row by row
@@ -149,6 +152,7 @@ def _check_images(self: FrozenCLIP, images: torch.Tensor):
         raise BackboneError(f"Expected float images (normalised pixels), got {images.dtype}.")
 FrozenCLIP.check_images = _check_images
 
+# %% ../nbs/00_backbone.ipynb #9a0f10ce
 def _embed(self: FrozenCLIP, images: torch.Tensor) -> torch.Tensor:
     "Tokens (B,1+hw,D) entering block 1: patches + class token + interpolated positional embedding, `ln_pre`."
     self.check_images(images)
@@ -160,6 +164,7 @@ def _embed(self: FrozenCLIP, images: torch.Tensor) -> torch.Tensor:
     return v.ln_pre(x + self.pos_embed(gh, gw).to(x.dtype))
 FrozenCLIP.embed = _embed
 
+# %% ../nbs/00_backbone.ipynb #d73b2b85
 def _head(self: FrozenCLIP, x: torch.Tensor):
     "From tokens after the last block (B,1+hw,D): pooled embedding (B,E) as the model pools, patch embeddings F_v (B,hw,E)."
     v = self.visual
@@ -177,8 +182,7 @@ def _forward_intermediates(self: FrozenCLIP,
                           ) -> dict:
     "One pass: every block's tokens and attention, and the last block's Grad-CAM inputs, all batch-first."
     self.check_images(images)
-    H, W = images.shape[-2:]
-    p = self.patch_size
+    (H, W), p = images.shape[-2:], self.patch_size
     tokens, attns = [], []
     with torch.no_grad():
         x = self.embed(images)
@@ -203,6 +207,13 @@ FrozenCLIP.forward_intermediates = _forward_intermediates
 FrozenCLIP.forward = _forward_intermediates
 
 # %% ../nbs/00_backbone.ipynb #5d1d7531
+def attention_norm(rows: torch.Tensor, # attention rows to draw on one colour scale
+                   gamma: float = 0.5, # < 1 stretches the small weights, which most patches get
+                  ):
+    "One colour scale, 0 to the largest weight, for attention rows compared side by side (a power law: `gamma`)."
+    from matplotlib.colors import PowerNorm   # matplotlib only for drawing: not imported with the module
+    return PowerNorm(gamma, vmin=0, vmax=float(rows.max()))
+
 def show_attention(out: dict, query: tuple[int, int], blocks=(0, 3, 7, 11), image=None, b: int = 0):
     "Plot, for patch `query`=(row, col), the head-averaged attention of the given blocks of `forward_intermediates` output."
     import matplotlib.pyplot as plt
@@ -213,11 +224,14 @@ def show_attention(out: dict, query: tuple[int, int], blocks=(0, 3, 7, 11), imag
     axs = list(axs) if n > 1 else [axs]
     if image is not None:
         axs[0].imshow(image); axs[0].set_title('image'); axs = axs[1:]
-    for ax, l in zip(axs, blocks):
-        ax.imshow(out['attn'][b, l, q].reshape(gh, gw).float().cpu(), cmap='viridis')
+    rows = out['attn'][b, list(blocks), q].float().cpu()                 # (len(blocks), hw)
+    norm = attention_norm(rows)                                         # one scale for every block shown
+    for ax, l, row in zip(axs, blocks, rows):
+        im = ax.imshow(row.reshape(gh, gw), cmap='viridis', norm=norm)
         ax.plot(query[1], query[0], 'r+', ms=10); ax.set_title(f'block {l + 1}')
     for ax in fig.axes: ax.axis('off')
     fig.tight_layout()
+    fig.colorbar(im, ax=axs, fraction=0.02, pad=0.01, label='attention weight (square-root scale)')
     return fig
 
 # %% ../nbs/00_backbone.ipynb #9d34bd9f
@@ -306,6 +320,22 @@ def _offline(pretrained_cfg: dict) -> str | None:
     except OSError as e: return f'{host} does not answer ({type(e).__name__}; offline?)'
     return None
 
+# %% ../nbs/00_backbone.ipynb #8354fb90
+def pretrained_path(model_name: str, tag: str, cache_dir: str | None = None, download: bool = True) -> str:
+    "The file of open_clip's pretrained `tag` for `model_name`: from the cache, else downloaded; a `BackboneError` if neither."
+    path = _cached_pretrained(model_name, tag, cache_dir)
+    offline = _offline(open_clip.get_pretrained_cfg(model_name, tag)) if path is None and download else None
+    if path is None and download and not offline:
+        try: path = open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, tag), cache_dir=cache_dir)
+        except Exception: path = None
+    if not path:
+        raise BackboneError(f"{model_name} weights {tag!r} are not in open_clip's cache "
+                            f"({cache_dir or 'its default folder'})" + (f" and cannot be downloaded: {offline}"
+                            if offline else " and could not be downloaded" if download else "") + ". "
+                            + _WAYS.format(name=model_name))
+    return path
+
+# %% ../nbs/00_backbone.ipynb #ed1407b2
 def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
               weights: str | os.PathLike | None = 'openai', # open_clip tag, local file, or None for random init
               device: str | torch.device = 'cpu',
@@ -322,18 +352,7 @@ def load_clip(model_name: str = 'ViT-B-16', # an open_clip model name
     finally: logging.getLogger().disabled = was
     if weights is not None:
         path = weights if Path(str(weights)).expanduser().is_file() or os.sep in str(weights) else None
-        if path is None:  # a pretrained tag
-            path = _cached_pretrained(model_name, str(weights), cache_dir)
-            offline = _offline(open_clip.get_pretrained_cfg(model_name, str(weights))) if path is None and download else None
-            if path is None and download and not offline:
-                try: path = open_clip.pretrained.download_pretrained(
-                        open_clip.get_pretrained_cfg(model_name, str(weights)), cache_dir=cache_dir)
-                except Exception: path = None
-            if not path:
-                raise BackboneError(f"{model_name} weights {weights!r} are not in open_clip's cache "
-                                    f"({cache_dir or 'its default folder'})" + (f" and cannot be downloaded: {offline}"
-                                    if offline else " and could not be downloaded" if download else "") + ". "
-                                    + _WAYS.format(name=model_name))
+        if path is None: path = pretrained_path(model_name, str(weights), cache_dir, download)   # a pretrained tag
         sd = read_clip_weights(path)
         try: model.load_state_dict(sd, strict=True)
         except RuntimeError as e:

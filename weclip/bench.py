@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['WAIT_OPS', 'BUSY_JOB', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'StageTimer', 'launch_seconds',
-           'stages', 'DeviceWaits', 'step_waits', 'busy_stages', 'main']
+__all__ = ['BUSY_JOB', 'WAIT_OPS', 'reference_step', 'bench_inputs', 'compare', 'throughput', 'busy_stages', 'StageTimer',
+           'launch_seconds', 'stages', 'DeviceWaits', 'step_waits', 'main']
 
 # %% ../nbs/12_bench.ipynb #ad7ec1f3
 def reference_step(model: WeCLIP, batch: dict, iteration: int | None = None) -> dict:
@@ -74,7 +74,7 @@ def bench_inputs(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, 
     return model, dict(image=images.to(device), labels=labels,                 # labels on the CPU, as a loader gives them
                        valid=torch.ones(batch, size, size, dtype=torch.bool, device=device))
 
-# %% ../nbs/12_bench.ipynb #959517aa
+# %% ../nbs/12_bench.ipynb #e40d0714
 def _time_one(which: str, model_name: str, batch: int, size: int, device: str, repeats: int, iteration: int) -> dict:
     "Median seconds per step and peak memory (MB) of `which` ('ours' or 'reference'), measured in this process."
     model, b = bench_inputs(model_name, batch, size, device=device)
@@ -91,6 +91,7 @@ def _time_one(which: str, model_name: str, batch: int, size: int, device: str, r
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(seconds=statistics.median(times), times=times, peak_mb=peak, peak_kind='cuda allocator' if cuda else 'process RSS')
 
+# %% ../nbs/12_bench.ipynb #dada659e
 def compare(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
             iteration: int = 20000) -> dict:
     "Ours against the official-way reference, each in a fresh process: time and memory ratios, and pseudo-label agreement."
@@ -112,7 +113,7 @@ def compare(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, devic
                 pseudo_label_agreement=(ours['M_p'] == ref['M_p']).float().mean().item(),
                 max_abs_diff_M_f=(ours['M_f'] - ref['M_f']).abs().max().item())
 
-# %% ../nbs/12_bench.ipynb #d3249e9e
+# %% ../nbs/12_bench.ipynb #48f7123a
 def _median_time(fn, repeats: int, sync=lambda: None) -> float:
     "Median seconds of `fn()` over `repeats` calls, after one warm-up call."
     fn(); sync()
@@ -121,37 +122,20 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> float:
         t = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
-               crf: bool = True) -> dict:
-    "Training and inference images/s, peak memory and data-loading images/s for `model_name` (random weights)."
-    cuda = device.startswith('cuda')
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model, b = bench_inputs(model_name, batch, size, device=device)
-    model.train()
-    opt = model.optimizer(2e-4)                        # the trainer's: fused on a GPU
-    amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda)
-    def train_step():
-        with amp: loss = model(b, iteration=20000)['total']
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    if cuda: torch.cuda.reset_peak_memory_stats()
-    t_train = _median_time(train_step, repeats, sync)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model.eval()
-    x1 = b['image'][:1]
-    t_single = _median_time(lambda: model.predict(x1), repeats, sync)   # in float32, as evaluate and predict run it
-    t_msc = _median_time(lambda: msc_flip_logits(model.predict, x1), repeats, sync)
-    probs = msc_flip_logits(model.predict, x1)[0].softmax(0)
-    img = to_uint8(x1[0])
-    t_crf = _median_time(lambda: dense_crf(img, probs), repeats) if crf else float('nan')
-    crf_parallel = None
-    if crf:   # DenseCRF on every available core, as evaluate and predict run it (--crf-workers)
-        p_np, n_w = probs.float().cpu().numpy(), available_cores()
-        with CRFPool(n_w) as pool:
-            [f.result() for f in [pool.submit(img, p_np) for _ in range(n_w)]]     # start every worker
-            t0 = time.perf_counter()
-            [f.result() for f in [pool.submit(img, p_np) for _ in range(4 * n_w)]]
-            crf_parallel = dict(workers=n_w, images_per_s=4 * n_w / (time.perf_counter() - t0))
-    with tempfile.TemporaryDirectory() as d:   # loading: 16 JPEGs of VOC's typical size, decoded and augmented
+# %% ../nbs/12_bench.ipynb #ebb36066
+def _crf_parallel(img, probs) -> dict:
+    "DenseCRF images/s on every available core, as evaluate and predict run it (--crf-workers)."
+    p_np, n_w = probs.float().cpu().numpy(), available_cores()
+    with CRFPool(n_w) as pool:
+        [f.result() for f in [pool.submit(img, p_np) for _ in range(n_w)]]     # start every worker
+        t0 = time.perf_counter()
+        [f.result() for f in [pool.submit(img, p_np) for _ in range(4 * n_w)]]
+        return dict(workers=n_w, images_per_s=4 * n_w / (time.perf_counter() - t0))
+
+# %% ../nbs/12_bench.ipynb #7a6de6b7
+def _loading_seconds(size: int) -> tuple[float, float]:
+    "Seconds per image to decode a JPEG of VOC's typical 500×375 and to augment it for training (one worker)."
+    with tempfile.TemporaryDirectory() as d:   # 16 JPEGs of VOC's typical size, decoded and augmented
         rng = np.random.default_rng(0)
         paths = []
         for i in range(16):
@@ -161,7 +145,42 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
         t_decode = _median_time(lambda: [read_image(p_) for p_ in paths], 1) / len(paths)
         decoded = [read_image(p_) for p_ in paths]
         t_augment = _median_time(lambda: [tf(a_, rng=rng) for a_ in decoded], 1) / len(paths)
-        t_load = t_decode + t_augment
+    return t_decode, t_augment
+
+# %% ../nbs/12_bench.ipynb #0c20175e
+def _train_seconds(model: WeCLIP, b: dict, repeats: int) -> tuple[float, float]:
+    "Median seconds of a full training step (AdamW included) on batch `b`, and the peak memory (MB) it reached."
+    cuda = b['image'].is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model.train()
+    opt = model.optimizer(2e-4)                        # the trainer's: fused on a GPU
+    amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda)
+    def train_step():
+        with amp: loss = model(b, iteration=20000)['total']
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    t_train = _median_time(train_step, repeats, sync)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return t_train, peak
+
+# %% ../nbs/12_bench.ipynb #7c05f2d8
+def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
+               crf: bool = True) -> dict:
+    "Training and inference images/s, peak memory and data-loading images/s for `model_name` (random weights)."
+    cuda = device.startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model, b = bench_inputs(model_name, batch, size, device=device)
+    t_train, peak = _train_seconds(model, b, repeats)
+    model.eval()
+    x1 = b['image'][:1]
+    t_single = _median_time(lambda: model.predict(x1), repeats, sync)   # in float32, as evaluate and predict run it
+    t_msc = _median_time(lambda: msc_flip_logits(model.predict, x1), repeats, sync)
+    probs = msc_flip_logits(model.predict, x1)[0].softmax(0)
+    img = to_uint8(x1[0])
+    t_crf = _median_time(lambda: dense_crf(img, probs), repeats) if crf else float('nan')
+    crf_parallel = _crf_parallel(img, probs) if crf else None
+    t_decode, t_augment = _loading_seconds(size)
+    t_load = t_decode + t_augment
     return dict(model=model_name, batch=batch, size=size, device=device, torch=torch.__version__,
                 threads=torch.get_num_threads(), gpu=torch.cuda.get_device_name(device) if cuda else None,
                 train_images_per_s=batch / t_train, train_step_s=t_train, peak_mb=peak,
@@ -172,7 +191,57 @@ def throughput(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, de
                 load_images_per_s=1 / t_load, load_ms_per_image=dict(decode=1e3 * t_decode, augment=1e3 * t_augment),
                 load_vs_train=(1 / t_load) / (batch / t_train))
 
-# %% ../nbs/12_bench.ipynb #c2626076
+# %% ../nbs/12_bench.ipynb #c0cd6996
+BUSY_JOB = """import os, torch
+parent, a = os.getppid(), torch.randn(512, 512)
+while os.getppid() == parent: a = torch.tanh(a @ a)"""   # another job on every core; it ends with its parent
+
+# %% ../nbs/12_bench.ipynb #c92b7be2
+def _thread_env(threads: int | None) -> dict:
+    "This environment with torch's thread count left to its default (None) or set to `threads`."
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
+    if threads: env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+# %% ../nbs/12_bench.ipynb #98de290f
+def _stages_process(key: str, threads: int | None, model_name: str, batch: int, size: int, device: str, repeats: int,
+                    iteration: int) -> dict:
+    "`python -m weclip.bench --stages` in a fresh process at `threads` (None: torch's default), its JSON read back."
+    cmd = [sys.executable, '-m', 'weclip.bench', '--stages', '--model', model_name, '--batch', str(batch),
+           '--size', str(size), '--device', device, '--repeats', str(repeats), '--iteration', str(iteration)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads))
+    if r.returncode: raise RuntimeError(f'the stages benchmark ({key}) failed:\n{r.stderr[-2000:]}')
+    return json.loads(r.stdout)
+
+# %% ../nbs/12_bench.ipynb #0354c2ad
+def busy_stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
+                iteration: int = 20000, busy: int = 2, log=None) -> dict:
+    """`stages` in fresh processes, idle and beside `busy` busy processes started here, at torch's default thread count
+    and at one thread. `ratio_idle`/`ratio_busy`: the step at the default count over the better of the two counts;
+    `stage_ratio_busy`: each stage busy at the default count over the same at one thread."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    runs, pids = {}, []
+    for load in (0, busy):
+        jobs = [subprocess.Popen([sys.executable, '-c', BUSY_JOB], env=_thread_env(None)) for _ in range(load)]
+        pids += [j.pid for j in jobs]
+        try:
+            if jobs: time.sleep(3)                                 # the jobs import torch and start multiplying
+            for threads in (None, 1):
+                key = f"{'busy' if load else 'idle'}, {'default threads' if threads is None else '1 thread'}"
+                out = _stages_process(key, threads, model_name, batch, size, device, repeats, iteration)
+                runs[key] = dict(threads=out['threads'], load=round(os.getloadavg()[0], 2), seconds=out['seconds'])
+                log(f"{key} ({out['threads']}): step {out['seconds']['step']:.2f} s, PAR "
+                    f"{out['seconds']['PAR + pseudo labels']:.2f} s, load {runs[key]['load']}")
+        finally:
+            for j in jobs: j.kill(); j.wait()
+    step = lambda k: runs[k]['seconds']['step']
+    ratio = lambda w: step(f'{w}, default threads') / min(step(f'{w}, default threads'), step(f'{w}, 1 thread'))
+    d, o = runs['busy, default threads']['seconds'], runs['busy, 1 thread']['seconds']
+    return dict(model=model_name, batch=batch, size=size, device=device, busy=busy, cores=os.cpu_count(), busy_pids=pids,
+                runs=runs, ratio_idle=ratio('idle'), ratio_busy=ratio('busy'),
+                stage_ratio_busy={k: d[k] / o[k] if o[k] > 0 else float('nan') for k in d})
+
+# %% ../nbs/12_bench.ipynb #fc031b02
 class StageTimer:
     "Seconds per named stage: CUDA events on a GPU (read once, at the end), the wall clock on the CPU."
     def __init__(self, cuda: bool): self.cuda, self.marks = cuda, []
@@ -193,6 +262,7 @@ class StageTimer:
         for name, a, b in self.marks: out[name] = out.get(name, 0.) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
         return out
 
+# %% ../nbs/12_bench.ipynb #f182a18c
 def _timed_step(model: WeCLIP, b: dict, iteration: int, opt, timer: StageTimer) -> dict:
     "One training step of the model's own code, its stages timed; `supervise` minus its timed parts is 'losses'."
     starts = {}
@@ -215,6 +285,7 @@ def _timed_step(model: WeCLIP, b: dict, iteration: int, opt, timer: StageTimer) 
         for h in hooks: h.remove()
     return r
 
+# %% ../nbs/12_bench.ipynb #cb808b92
 def launch_seconds(device: str = 'cpu', n: int = 2000) -> float:
     "Host seconds to issue one tiny operation on `device` (a kernel launch on a GPU): the cost of a step's every kernel, however small."
     x = torch.zeros(1, device=device)
@@ -224,6 +295,7 @@ def launch_seconds(device: str = 'cpu', n: int = 2000) -> float:
     for _ in range(n): x.add_(1)
     sync(); return (time.perf_counter() - t) / n
 
+# %% ../nbs/12_bench.ipynb #a9bbd144
 def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
            iteration: int = 20000) -> dict:
     """Median seconds per stage of a training step (RFM on at `iteration`) and of the step; its waits for the device and
@@ -239,15 +311,7 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
         timer = StageTimer(cuda)
         with amp, timer('step'): _timed_step(model, b, iteration, opt, timer)
         if i: runs.append(timer.seconds())
-    if cuda:                                           # every synchronising call warns once in this mode; an event's
-        events, real = [], torch.cuda.Event.synchronize   # wait (the step's copy of M_init) does not, so it is counted here
-        def counted(e): events.append(e); return real(e)
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn'); torch.cuda.Event.synchronize = counted
-            try:
-                with amp: _timed_step(model, b, iteration, opt, StageTimer(False))
-            finally: torch.cuda.set_sync_debug_mode('default'); torch.cuda.Event.synchronize = real
-        syncs = sum('synchroniz' in str(x.message) for x in w) + len(events)
+    if cuda: syncs = _cuda_syncs(model, b, iteration, opt, amp)
     sec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     sec['losses (rest of supervise)'] = sec.pop('supervise') - sum(sec.get(k, 0.) for k in ('decoder', 'RFM: boxes', 'RFM: M_f', 'PAR + pseudo labels'))
     if not opt.defaults['fused']:                      # counted as a GPU runs it, on every device: with the fused AdamW
@@ -260,7 +324,19 @@ def stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device
                 waits_per_step=w.total, waits=dict(w.where), device_ops_per_step=w.ops, kernels_per_step=w.kernels,
                 kernels=dict(w.stages), launch_us=1e6 * launch, launch_floor_s=w.kernels * launch, seconds=sec)
 
-# %% ../nbs/12_bench.ipynb #b7e1a002
+# %% ../nbs/12_bench.ipynb #f5d1929c
+def _cuda_syncs(model: WeCLIP, b: dict, iteration: int, opt, amp) -> int:
+    "The host-device synchronisations one training step makes on CUDA: CUDA's sync-debug count plus event waits."
+    events, real = [], torch.cuda.Event.synchronize    # every synchronising call warns once in this mode; an event's
+    def counted(e): events.append(e); return real(e)    # wait (the step's copy of M_init) does not, so it is counted here
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); torch.cuda.set_sync_debug_mode('warn'); torch.cuda.Event.synchronize = counted
+        try:
+            with amp: _timed_step(model, b, iteration, opt, StageTimer(False))
+        finally: torch.cuda.set_sync_debug_mode('default'); torch.cuda.Event.synchronize = real
+    return sum('synchroniz' in str(x.message) for x in w) + len(events)
+
+# %% ../nbs/12_bench.ipynb #5d184214
 _aten = torch.ops.aten
 WAIT_OPS = {  # operations whose result the host needs at once: on a GPU each waits for all work queued before it
     _aten._local_scalar_dense.default: '.item() / int() / bool() of a tensor', _aten.is_nonzero.default: 'bool() of a tensor',
@@ -270,6 +346,7 @@ WAIT_OPS = {  # operations whose result the host needs at once: on a GPU each wa
     _aten.bincount.default: 'bincount (its size)'}
 _BOOL_INDEX = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
 
+# %% ../nbs/12_bench.ipynb #1d9272ee
 def _is_view(func) -> bool:
     "A view (or alias) of its input: metadata only, no kernel."
     r = func._schema.returns
@@ -286,6 +363,7 @@ def _target(args, kwargs):
         if isinstance(a, torch.Tensor): return a.device
     return None
 
+# %% ../nbs/12_bench.ipynb #970bbe1a
 class _HostReads(TorchFunctionMode):
     """What never reaches the dispatcher on a CPU, where the host and the device are one: .tolist(), .numpy() and .cpu()
     of a device tensor (reads), and a host tensor copied to the device without `non_blocking=True`, or `torch.tensor`
@@ -304,6 +382,7 @@ class _HostReads(TorchFunctionMode):
             self.w.add('torch.tensor made on the device (a blocking copy)')
         return out
 
+# %% ../nbs/12_bench.ipynb #b894d95b
 class DeviceWaits(TorchDispatchMode):
     """Counts, on any device (the CPU too), the operations of some code that would make the host wait for a GPU: reading
     a value (`.item()`, `bool()`, `torch.equal`), a result whose size depends on the data (`nonzero`, boolean
@@ -353,61 +432,22 @@ class DeviceWaits(TorchDispatchMode):
         elif to_host and isinstance(out, torch.Tensor): self.tag[out] = 'host'
         return out
 
+# %% ../nbs/12_bench.ipynb #a1bd0160
 def step_waits(model: WeCLIP, batch: dict, iteration: int = 20000, opt=None) -> DeviceWaits:
     "The device waits, operations and kernels of one training step of `model` (forward, backward and, with `opt`, the optimizer) as a GPU runs it (PAR gathered), on any device."
     tensors = [*model.parameters(), *model.buffers()]               # the text features too (buffers not saved)
     tensors += [batch[k] for k in ('image', 'valid', 'mask') if k in batch]
+    import weclip.model as wm
     gathered, rfm.PAR_GATHERED = rfm.PAR_GATHERED, True          # PAR the GPU's way
-    try:
+    to_device, wm._to_device = wm._to_device, lambda t, device: t.to(device, non_blocking=True)   # and the box masks'
+    try:                                                          # copy (pinned on a GPU: the host does not wait)
         with DeviceWaits(tensors, [batch['labels']]) as w:
             r = model(batch, iteration=iteration)
             w.phase = 'backward'; r['total'].backward()
             w.phase = 'optimizer'
             if opt is not None: opt.step(); opt.zero_grad(set_to_none=True)
-    finally: rfm.PAR_GATHERED = gathered
+    finally: rfm.PAR_GATHERED, wm._to_device = gathered, to_device
     return w
-
-# %% ../nbs/12_bench.ipynb #fafa6a4c
-BUSY_JOB = """import os, torch
-parent, a = os.getppid(), torch.randn(512, 512)
-while os.getppid() == parent: a = torch.tanh(a @ a)"""   # another job on every core; it ends with its parent
-
-def _thread_env(threads: int | None) -> dict:
-    "This environment with torch's thread count left to its default (None) or set to `threads`."
-    env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
-    if threads: env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-def busy_stages(model_name: str = 'ViT-B-16', batch: int = 4, size: int = 320, device: str = 'cpu', repeats: int = 3,
-                iteration: int = 20000, busy: int = 2, log=None) -> dict:
-    """`stages` in fresh processes, idle and beside `busy` busy processes started here, at torch's default thread count
-    and at one thread. `ratio_idle`/`ratio_busy`: the step at the default count over the better of the two counts;
-    `stage_ratio_busy`: each stage busy at the default count over the same at one thread."""
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    runs, pids = {}, []
-    for load in (0, busy):
-        jobs = [subprocess.Popen([sys.executable, '-c', BUSY_JOB], env=_thread_env(None)) for _ in range(load)]
-        pids += [j.pid for j in jobs]
-        try:
-            if jobs: time.sleep(3)                                 # the jobs import torch and start multiplying
-            for threads in (None, 1):
-                key = f"{'busy' if load else 'idle'}, {'default threads' if threads is None else '1 thread'}"
-                cmd = [sys.executable, '-m', 'weclip.bench', '--stages', '--model', model_name, '--batch', str(batch),
-                       '--size', str(size), '--device', device, '--repeats', str(repeats), '--iteration', str(iteration)]
-                r = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads))
-                if r.returncode: raise RuntimeError(f'the stages benchmark ({key}) failed:\n{r.stderr[-2000:]}')
-                out = json.loads(r.stdout)
-                runs[key] = dict(threads=out['threads'], load=round(os.getloadavg()[0], 2), seconds=out['seconds'])
-                log(f"{key} ({out['threads']}): step {out['seconds']['step']:.2f} s, PAR "
-                    f"{out['seconds']['PAR + pseudo labels']:.2f} s, load {runs[key]['load']}")
-        finally:
-            for j in jobs: j.kill(); j.wait()
-    step = lambda k: runs[k]['seconds']['step']
-    ratio = lambda w: step(f'{w}, default threads') / min(step(f'{w}, default threads'), step(f'{w}, 1 thread'))
-    d, o = runs['busy, default threads']['seconds'], runs['busy, 1 thread']['seconds']
-    return dict(model=model_name, batch=batch, size=size, device=device, busy=busy, cores=os.cpu_count(), busy_pids=pids,
-                runs=runs, ratio_idle=ratio('idle'), ratio_busy=ratio('busy'),
-                stage_ratio_busy={k: d[k] / o[k] if o[k] > 0 else float('nan') for k in d})
 
 # %% ../nbs/12_bench.ipynb #3e7d0afe
 def main(argv=None):

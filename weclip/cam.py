@@ -8,8 +8,9 @@ import numpy as np
 import torch, torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['CAMError', 'check_labels', 'check_text', 'class_scores', 'grad_cam', 'label_slots', 'initial_cam_loop', 'initial_cam',
-           'initial_cam_official', 'connected_components', 'region_boxes', 'box_mask', 'show_cams']
+__all__ = ['CAMError', 'check_labels', 'check_text', 'class_scores', 'grad_cam', 'label_slots', 'initial_cam_loop', 'cam_inputs',
+           'batched_grads', 'initial_cam', 'connected_components', 'region_boxes', 'box_mask', 'show_cams',
+           'initial_cam_official']
 
 # %% ../nbs/02_cam.ipynb #b128be86
 class CAMError(ValueError):
@@ -34,6 +35,7 @@ def check_labels(labels: torch.Tensor, # (B, C) image-level labels, 0/1
         raise CAMError(f"labels must be 0 or 1, found {bad}: they are multi-hot (B, C), not class indices or scores.")
     return labels.bool()
 
+# %% ../nbs/02_cam.ipynb #02c5e4a6
 def check_text(text: torch.Tensor, # (n, E) text features
                dim: int, # E, the width of the image features
                name: str = 'text features'):
@@ -109,6 +111,25 @@ def initial_cam_loop(out, labels, fg_text, bg_text, logit_scale, variant='offici
             cams[b, c] = (m / (m.max() + 1e-7)).reshape(h, w)
     return cams
 
+# %% ../nbs/02_cam.ipynb #d76a5bc4
+def cam_inputs(out: dict) -> tuple:
+    "F_v (B,hw,E), the last block's ln_1 output A (B,1+hw,D) and the grid (h, w) from `forward_intermediates` output, checked."
+    for k in ('patches', 'last_ln1', 'grid'):
+        if k not in out: raise CAMError(f"out has no {k!r}: pass the dict that FrozenCLIP.forward_intermediates returns.")
+    patches, A, (h, w) = out['patches'], out['last_ln1'], out['grid']
+    if A.shape[1] != h * w + 1 or patches.shape[1] != h * w:
+        raise CAMError(f"out['grid'] {h}x{w} does not match {A.shape[1]} tokens (class token + h*w patches): "
+                       "pass forward_intermediates' output unchanged.")
+    return patches, A, (h, w)
+
+def batched_grads(p, A, onehot, retain_graph=False) -> torch.Tensor:
+    "(K, B, 1+hw, D): the gradients of the K one-hot selections `onehot` of the scores p with respect to A, one vectorised backward."
+    try: return torch.autograd.grad(p, A, onehot, retain_graph=retain_graph, is_grads_batched=True)[0]
+    except RuntimeError as e:
+        if 'second time' not in str(e): raise
+        raise CAMError("The last block's graph in `out` was already used by an earlier initial_cam call: pass "
+                       "retain_graph=True to that call, or run forward_intermediates again.") from None
+
 # %% ../nbs/02_cam.ipynb #91619990
 def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with grad_last=True
                 labels: torch.Tensor, # (B, C) image-level labels (no background)
@@ -119,12 +140,7 @@ def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with
                 retain_graph: bool = False, # keep the last block's graph for another call on the same `out`
                ) -> torch.Tensor:
     "Initial CAM M_init (B, C, h, w) in [0, 1]: Grad-CAM of each labelled class's score at the last block's ln_1; zero for other classes."
-    for k in ('patches', 'last_ln1', 'grid'):
-        if k not in out: raise CAMError(f"out has no {k!r}: pass the dict that FrozenCLIP.forward_intermediates returns.")
-    patches, A, (h, w) = out['patches'], out['last_ln1'], out['grid']
-    if A.shape[1] != h * w + 1 or patches.shape[1] != h * w:
-        raise CAMError(f"out['grid'] {h}x{w} does not match {A.shape[1]} tokens (class token + h*w patches): "
-                       "pass forward_intermediates' output unchanged.")
+    patches, A, (h, w) = cam_inputs(out)
     p = class_scores(patches, labels, fg_text, bg_text, logit_scale, variant)        # (B, T), checks the inputs
     present, dev = labels.bool(), patches.device          # slots found where the labels live: on the CPU, no GPU wait
     B, C = present.shape
@@ -139,48 +155,9 @@ def initial_cam(out: dict, # `FrozenCLIP.forward_intermediates` output, run with
     b_, k_ = valid.nonzero(as_tuple=True)
     onehot[tuple(t.to(dev, non_blocking=True) for t in (k_, b_, idx[b_, k_]))] = 1
     idx, valid = idx.to(dev, non_blocking=True), valid.to(dev, non_blocking=True)
-    try: grads, = torch.autograd.grad(p, A, onehot, retain_graph=retain_graph, is_grads_batched=True)  # (K, B, 1+hw, D)
-    except RuntimeError as e:
-        if 'second time' not in str(e): raise
-        raise CAMError("The last block's graph in `out` was already used by an earlier initial_cam call: pass "
-                       "retain_graph=True to that call, or run forward_intermediates again.") from None
+    grads = batched_grads(p, A, onehot, retain_graph)                                 # (K, B, 1+hw, D)
     m = grad_cam(grads[:, :, 1:].transpose(0, 1), A[:, 1:].detach(), (h, w)) * valid[..., None, None]  # (B, K, h, w)
     return cams.scatter_(1, idx[..., None, None].expand(B, K, h, w), m)   # padded slots point at absent classes: write 0
-
-# %% ../nbs/02_cam.ipynb #e1e203a3
-def initial_cam_official(backbone, # the `FrozenCLIP` that produced `out` (numerics='official' for the fp16 projection)
-                         out: dict, # its `forward_intermediates` output
-                         labels: torch.Tensor, # (B, C) image-level labels (no background)
-                         fg_text: torch.Tensor, # (C, E) foreground text features
-                         bg_text: torch.Tensor, # (n_bg, E) background text features
-                         logit_scale: float | torch.Tensor, # 1/tau = clip.logit_scale.exp()
-                         variant: str = 'official', # 'official': softmax over present fg + bg; 'paper': over all fg + bg
-                        ) -> torch.Tensor:
-    "M_init (B, C, h, w) computed as the official code does: per image and class, pooled before the projection, numpy Grad-CAM, min-max twice."
-    if variant not in ('official', 'paper'): raise CAMError(f"variant must be 'official' or 'paper', got {variant!r}.")
-    present = check_labels(labels, len(fg_text), out['last_in'].shape[0]).to(out['last_in'].device)
-    (h, w), v = out['grid'], backbone.visual
-    B, C = present.shape
-    cams = torch.zeros(B, C, h, w, device=out['last_in'].device)
-    for b in range(B):
-        cls = present[b].nonzero()[:, 0].tolist()
-        if not cls: continue
-        with torch.enable_grad():
-            x = out['last_in'][b:b + 1].detach().requires_grad_()
-            y, _, ln1 = backbone.block(backbone.depth - 1, x)                  # (1, 1+hw, D)
-            f = v.ln_post(y)[:, 1:].mean(1) @ v.proj                           # pooled, then projected
-            f = f / f.norm(dim=1, keepdim=True)
-            t = torch.cat([fg_text[cls], bg_text] if variant == 'official' else [fg_text, bg_text]).to(f)
-            p = (logit_scale * f @ (t / t.norm(dim=1, keepdim=True)).T).softmax(-1)   # (1, T)
-        acts = ln1[0, 1:].detach().reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()  # (1, D, h, w)
-        for j, c in enumerate(cls):
-            g, = torch.autograd.grad(p[0, j if variant == 'official' else c], ln1, retain_graph=True)
-            grads = g[0, 1:].reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()
-            weights = np.mean(grads, axis=(2, 3))                              # (1, D)
-            m = np.maximum((weights[:, :, None, None] * acts).sum(axis=1), 0).astype(np.float32)[0]
-            for _ in range(2): m = m - np.min(m); m = m / (1e-7 + np.max(m))  # per layer, then after averaging layers
-            cams[b, c] = torch.from_numpy(m).to(cams.device)
-    return cams
 
 # %% ../nbs/02_cam.ipynb #f7cfb9b4
 def connected_components(mask: torch.Tensor, # (N, h, w) bool maps
@@ -270,3 +247,38 @@ def show_cams(image: torch.Tensor, # (3, H, W) pixels in [0, 1] (un-normalise fi
     for ax in axs: ax.axis('off')
     fig.tight_layout()
     return fig
+
+# %% ../nbs/02_cam.ipynb #e1e203a3
+def initial_cam_official(backbone, # the `FrozenCLIP` that produced `out` (numerics='official' for the fp16 projection)
+                         out: dict, # its `forward_intermediates` output
+                         labels: torch.Tensor, # (B, C) image-level labels (no background)
+                         fg_text: torch.Tensor, # (C, E) foreground text features
+                         bg_text: torch.Tensor, # (n_bg, E) background text features
+                         logit_scale: float | torch.Tensor, # 1/tau = clip.logit_scale.exp()
+                         variant: str = 'official', # 'official': softmax over present fg + bg; 'paper': over all fg + bg
+                        ) -> torch.Tensor:
+    "M_init (B, C, h, w) computed as the official code does: per image and class, pooled before the projection, numpy Grad-CAM, min-max twice."
+    if variant not in ('official', 'paper'): raise CAMError(f"variant must be 'official' or 'paper', got {variant!r}.")
+    present = check_labels(labels, len(fg_text), out['last_in'].shape[0]).to(out['last_in'].device)
+    (h, w), v = out['grid'], backbone.visual
+    B, C = present.shape
+    cams = torch.zeros(B, C, h, w, device=out['last_in'].device)
+    for b in range(B):
+        cls = present[b].nonzero()[:, 0].tolist()
+        if not cls: continue
+        with torch.enable_grad():
+            x = out['last_in'][b:b + 1].detach().requires_grad_()
+            y, _, ln1 = backbone.block(backbone.depth - 1, x)                  # (1, 1+hw, D)
+            f = v.ln_post(y)[:, 1:].mean(1) @ v.proj                           # pooled, then projected
+            f = f / f.norm(dim=1, keepdim=True)
+            t = torch.cat([fg_text[cls], bg_text] if variant == 'official' else [fg_text, bg_text]).to(f)
+            p = (logit_scale * f @ (t / t.norm(dim=1, keepdim=True)).T).softmax(-1)   # (1, T)
+        acts = ln1[0, 1:].detach().reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()  # (1, D, h, w)
+        for j, c in enumerate(cls):
+            g, = torch.autograd.grad(p[0, j if variant == 'official' else c], ln1, retain_graph=True)
+            grads = g[0, 1:].reshape(h, w, -1).permute(2, 0, 1)[None].cpu().numpy()
+            weights = np.mean(grads, axis=(2, 3))                              # (1, D)
+            m = np.maximum((weights[:, :, None, None] * acts).sum(axis=1), 0).astype(np.float32)[0]
+            for _ in range(2): m = m - np.min(m); m = m / (1e-7 + np.max(m))  # per layer, then after averaging layers
+            cams[b, c] = torch.from_numpy(m).to(cams.device)
+    return cams

@@ -28,11 +28,12 @@ def crf_marginals(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
     d.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=np.array(image, order='C'), compat=bi_w)  # a writable copy
     return np.asarray(d.inference(n_iter), dtype=np.float32).reshape(K, H, W)
 
+# %% auto #0
+__all__ = ['crf_marginals', 'crf_labels']
+
+# %% ../nbs/10a_crf.ipynb #63523f65
 def crf_labels(image: np.ndarray, # (H,W,3) uint8 RGB
                probs: np.ndarray, # (K,H,W) probabilities
               ) -> np.ndarray:
     "The labels (H,W) uint8 of the DenseCRF marginals (official parameters): what a CRF worker computes for one image."
     return crf_marginals(image, probs).argmax(0).astype(np.uint8)
-
-# %% auto #0
-__all__ = ['crf_marginals', 'crf_labels']

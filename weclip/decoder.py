@@ -65,37 +65,43 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(AttentionBlock(dim, heads, numerics=numerics) for _ in range(depth))
         self.head = nn.Conv2d(dim, n_classes, kernel_size=1)
 
-    def check_tokens(self, tokens, grid):
-        "Raise a ValueError unless tokens is a list of n_blocks tensors (B,1+h*w,in_dim) for grid (h,w)."
-        if not isinstance(tokens, (list, tuple)) or not all(torch.is_tensor(t) for t in tokens):
-            raise ValueError(f"tokens must be a list of tensors (B, 1+hw, D), one per block; got {type(tokens).__name__}.")
-        if len(tokens) != self.n_blocks:
-            raise ValueError(f"Decoder(n_blocks={self.n_blocks}) got {len(tokens)} blocks' tokens: pass "
-                             f"out['tokens'][:{self.n_blocks}], or build the decoder with n_blocks={len(tokens)}.")
-        h, w = grid
-        want = (tokens[0].shape[0], 1 + h * w, self.in_dim)
-        for i, t in enumerate(tokens):
-            if t.ndim != 3 or tuple(t.shape) != want:
-                raise ValueError(f"tokens[{i}] has shape {tuple(t.shape)}, expected (B, 1+h*w, D) = {want} for grid "
-                                 f"{h}x{w} and in_dim={self.in_dim}. Check the grid (image size / patch size) and in_dim.")
+# %% ../nbs/03_decoder.ipynb #063776d0
+def _check_tokens(self: Decoder, tokens, grid):
+    "Raise a ValueError unless tokens is a list of n_blocks tensors (B,1+h*w,in_dim) for grid (h,w)."
+    if not isinstance(tokens, (list, tuple)) or not all(torch.is_tensor(t) for t in tokens):
+        raise ValueError(f"tokens must be a list of tensors (B, 1+hw, D), one per block; got {type(tokens).__name__}.")
+    if len(tokens) != self.n_blocks:
+        raise ValueError(f"Decoder(n_blocks={self.n_blocks}) got {len(tokens)} blocks' tokens: pass "
+                         f"out['tokens'][:{self.n_blocks}], or build the decoder with n_blocks={len(tokens)}.")
+    h, w = grid
+    want = (tokens[0].shape[0], 1 + h * w, self.in_dim)
+    for i, t in enumerate(tokens):
+        if t.ndim != 3 or tuple(t.shape) != want:
+            raise ValueError(f"tokens[{i}] has shape {tuple(t.shape)}, expected (B, 1+h*w, D) = {want} for grid "
+                             f"{h}x{w} and in_dim={self.in_dim}. Check the grid (image size / patch size) and in_dim.")
+Decoder.check_tokens = _check_tokens
 
-    def fuse(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        "Eqs. 1-2: F_u (B,d,h,w) from the blocks' tokens, class token dropped, after Dropout2d."
-        self.check_tokens(tokens, grid)
-        dt = self.fuse_conv.weight.dtype
-        B, (h, w) = tokens[0].shape[0], grid
-        new = [mlp(t.detach()[:, 1:].to(dt)) for mlp, t in zip(self.mlps, tokens)]  # n x (B, hw, d)
-        x = torch.cat(new, -1).transpose(1, 2).reshape(B, -1, h, w)                 # (B, n*d, h, w), block 1 first
-        return self.dropout(self.fuse_conv(x))
+# %% ../nbs/03_decoder.ipynb #19d422d6
+def _fuse(self: Decoder, tokens: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    "Eqs. 1-2: F_u (B,d,h,w) from the blocks' tokens, class token dropped, after Dropout2d."
+    self.check_tokens(tokens, grid)
+    dt = self.fuse_conv.weight.dtype
+    B, (h, w) = tokens[0].shape[0], grid
+    new = [mlp(t.detach()[:, 1:].to(dt)) for mlp, t in zip(self.mlps, tokens)]  # n x (B, hw, d)
+    x = torch.cat(new, -1).transpose(1, 2).reshape(B, -1, h, w)                 # (B, n*d, h, w), block 1 first
+    return self.dropout(self.fuse_conv(x))
+Decoder.fuse = _fuse
 
-    def forward(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        "Eq. 3: the prediction P (B,K,h,w) on the patch grid, and F_u (B,d,h,w)."
-        F_u = self.fuse(tokens, grid)
-        B, d, h, w = F_u.shape
-        x = F_u.flatten(2).transpose(1, 2)                     # (B, hw, d)
-        for blk in self.blocks: x = blk(x)
-        P = self.head(x.transpose(1, 2).reshape(B, d, h, w))
-        return P, F_u
+# %% ../nbs/03_decoder.ipynb #4a25bb4d
+def _forward(self: Decoder, tokens: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Eq. 3: the prediction P (B,K,h,w) on the patch grid, and F_u (B,d,h,w)."
+    F_u = self.fuse(tokens, grid)
+    B, d, h, w = F_u.shape
+    x = F_u.flatten(2).transpose(1, 2)                     # (B, hw, d)
+    for blk in self.blocks: x = blk(x)
+    P = self.head(x.transpose(1, 2).reshape(B, d, h, w))
+    return P, F_u
+Decoder.forward = _forward
 
 # %% ../nbs/03_decoder.ipynb #d1a4b054
 def count_params(module: nn.Module, trainable: bool = True) -> int:

@@ -28,8 +28,8 @@ __all__ = ['MAX_GRID', 'OFFICIAL_SCALES', 'CRF_OFFICIAL', 'CRF_INSTALL', 'CRF_WO
            'resize_long', 'inference_long_side', 'default_long_side', 'msc_flip_logits', 'infer_logits',
            'crf_available', 'require_crf', 'dense_crf', 'to_uint8', 'available_cores', 'available_memory_mb',
            'default_crf_workers', 'CRFPool', 'pad_to_patch', 'cam_to_labels', 'cam_labels', 'pseudo_labels_of',
-           'EvalError', 'predict_sample', 'progress_iter', 'evaluate_dataset', 'val_miou', 'pseudo_subset',
-           'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
+           'EvalError', 'predict_sample', 'progress_iter', 'check_evaluation', 'evaluate_dataset', 'val_miou',
+           'pseudo_subset', 'pseudo_quality', 'class_list', 'load_model', 'add_inference_options', 'evaluate_parser',
            'check_inference_args', 'check_long_side', 'check_root_classes', 'run_evaluation', 'evaluate_cli']
 
 # %% ../nbs/10_evaluate.ipynb #7b0d08b9
@@ -110,6 +110,7 @@ def require_crf():
     if not crf_available():
         raise EvalError(f'--crf needs DenseCRF, which is not installed: {CRF_INSTALL}; or drop --crf.')
 
+# %% ../nbs/10_evaluate.ipynb #c8d7638d
 def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
               probs: np.ndarray | torch.Tensor, # (K,H,W) class probabilities (softmax of the logits)
               n_iter: int = 10, pos_xy_std: float = 3, pos_w: float = 3, # Gaussian kernel: θ_γ, w_2
@@ -120,6 +121,7 @@ def dense_crf(image: np.ndarray, # (H,W,3) uint8 RGB, the original image
     probs = probs.detach().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs)
     return crf_marginals(image, probs, n_iter, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w)
 
+# %% ../nbs/10_evaluate.ipynb #0fba25af
 def to_uint8(image: torch.Tensor, # (3,H,W) normalised image
              norm: str = 'imagenet', # the statistics it was normalised with
             ) -> np.ndarray:
@@ -147,6 +149,7 @@ def default_crf_workers(cores: int | None = None, free_mb: float | None = None) 
     free_mb = available_memory_mb() if free_mb is None else free_mb
     return max(1, min(cores, int(free_mb // CRF_WORKER_MB) if free_mb != float('inf') else cores))
 
+# %% ../nbs/10_evaluate.ipynb #0649776b
 @contextlib.contextmanager
 def _bare_main():
     """While a spawned worker starts: a bare `__main__`, so that the worker does not import this program's main module
@@ -156,6 +159,7 @@ def _bare_main():
     try: yield
     finally: sys.modules['__main__'] = main
 
+# %% ../nbs/10_evaluate.ipynb #f92c693f
 class CRFPool:
     "`crf_labels` on `workers` processes (0: `default_crf_workers`), results in submission order; 1: inline."
     def __init__(self, workers: int = 0):
@@ -192,6 +196,7 @@ def pad_to_patch(images: torch.Tensor, # (B,3,H,W)
     valid = F.pad(torch.ones(B, H, W, dtype=torch.bool, device=images.device), pad, value=False)
     return F.pad(images, pad), valid
 
+# %% ../nbs/10_evaluate.ipynb #9d656b8b
 def cam_to_labels(M_init: torch.Tensor, # (B,C,h,w) initial CAMs on the patch grid
                   labels: torch.Tensor, # (B,C) image-level labels
                   size: tuple[int, int], # (H,W) of the (padded) input the grid covers
@@ -202,6 +207,7 @@ def cam_to_labels(M_init: torch.Tensor, # (B,C,h,w) initial CAMs on the patch gr
     bg = 1 - M.amax(1, keepdim=True).clamp(min=0)
     return torch.cat([bg, M], 1).argmax(1)
 
+# %% ../nbs/10_evaluate.ipynb #c46eb5e2
 def cam_labels(model, # a `WeCLIP`
                images: torch.Tensor, # (B,3,H,W) normalised, any size
                labels: torch.Tensor, # (B,C) image-level labels
@@ -217,6 +223,7 @@ def cam_labels(model, # a `WeCLIP`
                              model.variant).detach()
     return cam_to_labels(M_init, labels, x.shape[-2:])[:, :H, :W]
 
+# %% ../nbs/10_evaluate.ipynb #70b1a953
 def pseudo_labels_of(model, # a `WeCLIP`
                      images: torch.Tensor, # (B,3,H,W) normalised, any size
                      labels: torch.Tensor, # (B,C) image-level labels
@@ -272,6 +279,16 @@ def progress_iter(items, desc: str, enabled: bool = True):
         if i == n or i % max(1, n // 10) == 0:
             print(f'{desc}: {i}/{n} in {time.perf_counter() - t0:.0f}s', flush=True)
 
+# %% ../nbs/10_evaluate.ipynb #d08d5814
+def check_evaluation(dataset, source: str, crf: bool, max_images: int = 0) -> tuple[bool, int]:
+    "Whether `dataset` is a test split (no masks) and how many of its images to run; an `EvalError` for a bad request."
+    if source not in SOURCES: raise EvalError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
+    if crf and source != 'seg': raise EvalError("--crf refines the segmentation only: drop --crf, or use --source seg.")
+    test = getattr(dataset, 'is_test', False) or not getattr(dataset, 'with_masks', True)
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    if n == 0: raise EvalError(f"{dataset} has no images to evaluate.")
+    return test, n
+
 # %% ../nbs/10_evaluate.ipynb #30117fa8
 def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      dataset, # a `weclip.data` split with full-size samples (EvalTransform)
@@ -286,14 +303,8 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
                      crf_workers: int = 0, # processes for DenseCRF (0: every available core; 1: inline)
                     ) -> dict:
     "Predict every image of `dataset`, save palette PNGs, and measure mIoU etc. of each result against its masks."
-    if source not in SOURCES: raise EvalError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
-    if crf and source != 'seg': raise EvalError("--crf refines the segmentation only: drop --crf, or use --source seg.")
-    test = getattr(dataset, 'is_test', False) or not getattr(dataset, 'with_masks', True)
-    n = len(dataset) if not max_images else min(max_images, len(dataset))
-    if n == 0: raise EvalError(f"{dataset} has no images to evaluate.")
-    model.eval()
-    K = len(names)
-    confs = {}
+    test, n = check_evaluation(dataset, source, crf, max_images)
+    model.eval(); K, confs = len(names), {}
     save = None if out_dir is None else Path(out_dir) / (VOC_TEST_DIR if test else 'pred')
     def finish(s, preds):   # the CRF's labels may still be computing in a worker
         preds = {k: torch.from_numpy(v.result()) if isinstance(v, Future) else v for k, v in preds.items()}
@@ -338,6 +349,7 @@ def pseudo_subset(cfg: TrainConfig):
     n = min(cfg.pseudo_images, len(ds))
     return torch.utils.data.Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist()), None
 
+# %% ../nbs/10_evaluate.ipynb #5195728f
 @torch.no_grad()
 def pseudo_quality(model, dataset, iteration: int | None = None, device='cpu',
                    rank: int = 0, world: int = 1, # this process scores images rank, rank + world, ... (its shard)
@@ -368,6 +380,7 @@ def class_list(cfg) -> list[str]:
     label_file = Path(cfg.data_root) / 'ImageSets' / 'Segmentation' / 'cls_labels.json'
     return read_label_file(label_file)[0] if label_file.is_file() else list(SHAPES)
 
+# %% ../nbs/10_evaluate.ipynb #2830cadf
 def load_model(checkpoint, # a `last.pt`/`best.pt` written by `python -m weclip.train`
                device: str | None = None, # auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:N
                data_root: str | None = None, # override the saved data folder
@@ -415,6 +428,7 @@ def add_inference_options(ap: argparse.ArgumentParser):
                     'tag or a local file such as ViT-B-16.pt')
     return ap
 
+# %% ../nbs/10_evaluate.ipynb #e6b927ab
 def evaluate_parser() -> argparse.ArgumentParser:
     "Command line of `python -m weclip.evaluate`."
     ap = argparse.ArgumentParser(prog='python -m weclip.evaluate',
@@ -430,6 +444,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     return ap
 
+# %% ../nbs/10_evaluate.ipynb #1925f83f
 def check_inference_args(a: argparse.Namespace):
     "One `EvalError` line for the first numeric option of evaluate or predict out of range (before any work)."
     if not all(math.isfinite(s) and s > 0 for s in a.scales):
@@ -444,6 +459,7 @@ def check_inference_args(a: argparse.Namespace):
         raise EvalError(f"--max-side {a.max_side} is below {MIN_SIDE} pixels: use 0 (full size) or at least {MIN_SIDE} "
                         "(default 2048).")
 
+# %% ../nbs/10_evaluate.ipynb #2a5de789
 def check_long_side(model, long_side: int | None):
     "A long side of at least one patch of `model` (0 or None: the images' own size); one `EvalError` line otherwise."
     p = model.backbone.patch_size
@@ -451,6 +467,7 @@ def check_long_side(model, long_side: int | None):
         raise EvalError(f"--resize-long {long_side} is below one {p}-pixel patch of this model: use 0 (each image at its "
                         f"own size) or at least {p} (the official 512).")
 
+# %% ../nbs/10_evaluate.ipynb #9a6e9064
 def check_root_classes(checkpoint, names: list[str], ds):
     "Refuse a split whose label file lists other classes than the model's (background first in `names`)."
     if ds.classes is None or list(ds.classes) == list(names[1:]): return
@@ -459,6 +476,7 @@ def check_root_classes(checkpoint, names: list[str], ds):
                     f"in its label file {ds.label_file}; first difference: {diff}): pass --data-root the dataset it was "
                     "trained on (or a checkpoint trained on this one).")
 
+# %% ../nbs/10_evaluate.ipynb #1fb8e9d5
 def run_evaluation(a: argparse.Namespace) -> dict:
     "Do what the parsed evaluate command line asks; return the results written to OUT/results.json."
     check_inference_args(a)
@@ -486,6 +504,7 @@ def run_evaluation(a: argparse.Namespace) -> dict:
         write_text(out / 'results.json', json.dumps(doc, indent=1), 'Free disk space, or choose another --out.')
     return doc
 
+# %% ../nbs/10_evaluate.ipynb #fc369c4f
 def evaluate_cli(argv=None):
     "`python -m weclip.evaluate`: print the per-class table and mIoU, write OUT/results.json and the predictions."
     a = evaluate_parser().parse_args(argv)

@@ -19,9 +19,21 @@ from .config import resolve_device
 from .toy import TEXTURES
 
 # %% auto #0
-__all__ = ['WeCLIP', 'time_step']
+__all__ = ['check_options', 'default_pos_interp', 'WeCLIP', 'class_words', 'time_step']
 
 # %% ../nbs/08_model.ipynb #8cabb6c1
+def check_options(numerics: str, variant: str, supervision: str, rfm_power):
+    "Raise a ValueError naming the first of WeCLIP's choices that is not one of its values."
+    if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
+    if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
+    if supervision not in ('weak', 'full'): raise ValueError(f"supervision must be 'weak' or 'full', got {supervision!r}.")
+    if not (isinstance(rfm_power, int) and rfm_power >= 1): raise ValueError(f"rfm_power (α) must be an integer >= 1, got {rfm_power!r}.")
+
+def default_pos_interp(backbone, variant: str) -> str:
+    "'bilinear' for the official variant on ViT-B-16 (the model the official `upsample_pos_emb` serves), else open_clip's 'bicubic'."
+    return 'bilinear' if variant == 'official' and backbone.model_name == 'ViT-B-16' else 'bicubic'
+
+# %% ../nbs/08_model.ipynb #ea686320
 class WeCLIP(nn.Module):
     "WeCLIP: frozen CLIP, text features, initial CAM, decoder, RFM + PAR and losses; only the decoder learns."
     def __init__(self,
@@ -39,44 +51,56 @@ class WeCLIP(nn.Module):
                  rfm: bool = True, # False: the static refinement throughout (the paper's "without RFM" ablation)
                  rfm_power: int = 2, # α, the power of RFM's transition matrix (paper and official 2)
                  supervision: str = 'weak', # 'weak': pseudo labels; 'full': the true masks (the upper bound)
-                 numerics: str = 'clean', # 'official': the official code's float16 islands and float32 RFM sums (bit-for-bit on a CPU)
+                 numerics: str = 'clean', # 'official': the official code's float16 islands and float32 RFM sums (its forward pass bit for bit on a CPU)
                  pos_interp: str | None = None): # positional-embedding resize; None: 'bilinear' for the official variant on ViT-B-16, else 'bicubic'
-        super().__init__()
-        if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
-        if variant not in ('official', 'paper'): raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}.")
-        if supervision not in ('weak', 'full'): raise ValueError(f"supervision must be 'weak' or 'full', got {supervision!r}.")
-        if not (isinstance(rfm_power, int) and rfm_power >= 1): raise ValueError(f"rfm_power (α) must be an integer >= 1, got {rfm_power!r}.")
+        super().__init__(); check_options(numerics, variant, supervision, rfm_power)
         self.rfm, self.supervision, self.rfm_power = rfm, supervision, rfm_power
         self.backbone, self.variant, self.numerics = backbone, variant, numerics
-        official_vit = variant == 'official' and backbone.model_name == 'ViT-B-16'   # the model the official upsample_pos_emb serves
-        backbone.pos_interp = pos_interp or ('bilinear' if official_vit else 'bicubic')
-        backbone.numerics = numerics
-        self.register_buffer('fg_text', fg_text.float(), persistent=False)
-        self.register_buffer('bg_text', bg_text.float(), persistent=False)
-        self.n_classes = fg_text.shape[0] + 1
-        n = decoder_blocks or (backbone.depth if variant == 'paper' else backbone.depth - 1)
+        backbone.pos_interp, backbone.numerics = pos_interp or default_pos_interp(backbone, variant), numerics
+        for k, t in (('fg_text', fg_text), ('bg_text', bg_text)): self.register_buffer(k, t.float(), persistent=False)
+        self.n_classes, n = fg_text.shape[0] + 1, decoder_blocks or (backbone.depth if variant == 'paper' else backbone.depth - 1)
         if not 1 <= n <= backbone.depth: raise ValueError(f"decoder_blocks={n} must lie in 1..{backbone.depth}.")
         self.decoder = Decoder(backbone.width, self.n_classes, n_blocks=n, dim=decoder_dim, numerics=numerics)
         self.rfm_start, self.rfm_layers, self.box_threshold = rfm_start, rfm_layers, box_threshold
         self.aff_weight, self.aff_radius = aff_weight, aff_radius
 
-    def param_groups(self, lr: float, decoder_lr_mult: float = 10.0) -> list[dict]:
-        "Optimizer groups: the decoder's parameters only, at lr × decoder_lr_mult (the backbone has none to give)."
-        return [dict(params=[p for p in self.decoder.parameters() if p.requires_grad], lr=lr * decoder_lr_mult)]
+# %% ../nbs/08_model.ipynb #33eb0ef8
+def _param_groups(self: WeCLIP, lr: float, decoder_lr_mult: float = 10.0) -> list[dict]:
+    "Optimizer groups: the decoder's parameters only, at lr × decoder_lr_mult (the backbone has none to give)."
+    return [dict(params=[p for p in self.decoder.parameters() if p.requires_grad], lr=lr * decoder_lr_mult)]
 
-    def optimizer(self, lr: float, decoder_lr_mult: float = 10.0, weight_decay: float = 0.01,
-                  fused: bool | None = None) -> torch.optim.AdamW:
-        """The trainer's AdamW over `param_groups`. `fused` (default: when the decoder lives on a GPU) updates every
-        parameter in one kernel instead of about ten per parameter; the CPU keeps the plain loop, whose results the
-        kit's reports were measured with."""
-        groups = self.param_groups(lr, decoder_lr_mult)
-        if fused is None: fused = all(p.is_cuda for g in groups for p in g['params'])
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+def _optimizer(self: WeCLIP, lr: float, decoder_lr_mult: float = 10.0, weight_decay: float = 0.01,
+              fused: bool | None = None) -> torch.optim.AdamW:
+    """The trainer's AdamW over `param_groups`. `fused` (default: when the decoder lives on a GPU) updates every
+    parameter in one kernel instead of about ten per parameter; the CPU keeps the plain loop."""
+    groups = self.param_groups(lr, decoder_lr_mult)
+    if fused is None: fused = all(p.is_cuda for g in groups for p in g['params'])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
-    def trainable_state_dict(self) -> dict: return self.decoder.state_dict()
-    def load_trainable_state_dict(self, sd: dict): self.decoder.load_state_dict(sd)
+WeCLIP.param_groups, WeCLIP.optimizer = _param_groups, _optimizer
+WeCLIP.trainable_state_dict = lambda self: self.decoder.state_dict()              # what a checkpoint keeps: the decoder
+WeCLIP.load_trainable_state_dict = lambda self, sd: self.decoder.load_state_dict(sd)
 
 # %% ../nbs/08_model.ipynb #1e1782da
+def _custom_words(cfg) -> tuple:
+    "A custom run's prompt table (--prompts, else DATA_ROOT/prompts.txt when there; None: the template's) and background words (None: the default)."
+    path = Path(cfg.prompts or Path(cfg.data_root).expanduser() / 'prompts.txt').expanduser()
+    if cfg.prompts and not path.is_file():
+        raise ValueError(f"--prompts {cfg.prompts} is not a file: pass a text file of 'class: words CLIP should read' lines.")
+    bg = [w.strip() for w in cfg.background.split(',') if w.strip()] if cfg.background else None
+    return (read_prompt_file(path) if path.is_file() else None), bg
+
+# %% ../nbs/08_model.ipynb #206cfcc6
+def class_words(cfg, classes=None) -> tuple:
+    "Foreground and background words of `cfg`'s dataset: names for VOC, COCO and the toy world, prompt lists for your own."
+    if cfg.dataset in ('voc', 'coco'): return class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
+    if not classes: raise ValueError(f"The {'dataset' if cfg.dataset == 'custom' else 'toy world'}'s class names are "
+                                     "needed: pass classes=dataset.classes.")
+    if cfg.dataset == 'custom':   # your own classes: prompts as the prompt file gives them, else the template's
+        return custom_prompts(classes, prompt_templates(cfg.variant), *_custom_words(cfg))
+    return tuple(classes), TEXTURES
+
+# %% ../nbs/08_model.ipynb #f43b3479
 def _from_config(cls, cfg, classes=None) -> WeCLIP:
     "The WeCLIP model of a `TrainConfig` (`classes`: the dataset's class names, used for the toy world)."
     weights = None if str(cfg.weights).lower() == 'none' else cfg.weights
@@ -87,16 +111,8 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
         if cfg.dataset != 'custom': raise
         raise BackboneError(f"{e} To try the pipeline on a CPU without them: --model weclip-tiny --weights toy "
                             "--crop-size 96 (the shipped tiny CLIP knows only the toy world's shapes).") from None
-    tok = open_clip.get_tokenizer(cfg.model)
-    if cfg.dataset in ('voc', 'coco'):
-        fg, bg = class_names(cfg.dataset, cfg.variant), background_names(cfg.dataset)
-    elif cfg.dataset == 'custom':   # your own classes: prompts as the prompt file gives them, else the template's
-        if not classes: raise ValueError("The dataset's class names are needed: pass classes=dataset.classes.")
-        fg, bg = custom_prompts(classes, prompt_templates(cfg.variant), *_custom_words(cfg))
-    else:
-        if not classes: raise ValueError("The toy world's class names are needed: pass classes=dataset.classes.")
-        fg, bg = tuple(classes), TEXTURES
-    tpl = prompt_templates(cfg.variant)
+    tok, tpl = open_clip.get_tokenizer(cfg.model), prompt_templates(cfg.variant)
+    fg, bg = class_words(cfg, classes)
     if cfg.dataset == 'custom': fg_text, bg_text = (prompt_features(backbone, tok, p, device) for p in (fg, bg))
     else:
         fg_text = text_features(backbone, tok, fg, tpl, device=device)   # through the backbone: its numerics apply
@@ -107,14 +123,6 @@ def _from_config(cls, cfg, classes=None) -> WeCLIP:
                rfm=getattr(cfg, 'rfm', True), supervision=getattr(cfg, 'supervision', 'weak'),
                rfm_power=getattr(cfg, 'rfm_power', 2), numerics=numerics)
 WeCLIP.from_config = classmethod(_from_config)
-
-def _custom_words(cfg) -> tuple:
-    "A custom run's prompt table (--prompts, else DATA_ROOT/prompts.txt when there; None: the template's) and background words (None: the default)."
-    path = Path(cfg.prompts or Path(cfg.data_root).expanduser() / 'prompts.txt').expanduser()
-    if cfg.prompts and not path.is_file():
-        raise ValueError(f"--prompts {cfg.prompts} is not a file: pass a text file of 'class: words CLIP should read' lines.")
-    bg = [w.strip() for w in cfg.background.split(',') if w.strip()] if cfg.background else None
-    return (read_prompt_file(path) if path.is_file() else None), bg
 
 # %% ../nbs/08_model.ipynb #61ad8573
 def _forward(self: WeCLIP,
@@ -177,6 +185,7 @@ def _supervise(self: WeCLIP, images, labels, valid, out: dict, M_init: torch.Ten
     return dict(losses, P=P, A_f=A_f, M_init=M_init, M_f=M_f, M_p=M_p)
 WeCLIP.supervise = _supervise
 
+# %% ../nbs/08_model.ipynb #4cfd817c
 @torch.no_grad()
 def _predict(self: WeCLIP, images: torch.Tensor) -> torch.Tensor:
     "Segmentation logits (B,K,H,W) at the images' size (padded to the patch size and cropped back), without autograd."

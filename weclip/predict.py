@@ -19,8 +19,8 @@ from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, def
                              check_inference_args, check_long_side)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'legend_strip', 'overlay', 'predict_images',
-           'predict_cli']
+__all__ = ['IMAGE_EXTS', 'MAX_SIDE', 'find_images', 'read_rgb', 'output_paths', 'legend_strip', 'overlay', 'write_prediction',
+           'predict_images', 'predict_parser', 'predict_cli']
 
 # %% ../nbs/10b_predict.ipynb #23ce779a
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif')
@@ -46,12 +46,14 @@ def find_images(paths: list, # image files and folders
         else: raise EvalError(f"{p} does not exist: pass image files or folders of images.")
     return found
 
+# %% ../nbs/10b_predict.ipynb #6afdb50c
 MAX_SIDE = 2048  # photos are read with their long side at most this (a 6000x6000 photo would need GBs of logits)
 
 def read_rgb(path, max_side: int | None = MAX_SIDE) -> np.ndarray:
     "(H,W,3) uint8 RGB of an image file, upright as viewers show it, long side capped; a `DatasetError` naming the file."
     return read_image(path, fix='pass JPEG/PNG pictures, or remove it from the folder', upright=True, max_side=max_side)
 
+# %% ../nbs/10b_predict.ipynb #8ccef190
 def output_paths(paths: list[Path], out_dir) -> list[tuple[Path, Path]]:
     "(mask, overlay) paths in `out_dir` for each image; an `EvalError` if one would overwrite an input picture."
     out, stems, res = Path(out_dir), set(), []
@@ -66,6 +68,7 @@ def output_paths(paths: list[Path], out_dir) -> list[tuple[Path, Path]]:
         res.append(pair)
     return res
 
+# %% ../nbs/10b_predict.ipynb #52a64fc8
 def legend_strip(names: list[str], # class names, background first
                  classes, # the class indices to name
                  width: int, # the strip's width in pixels (the picture's)
@@ -87,6 +90,7 @@ def legend_strip(names: list[str], # class names, background first
         draw.text((x + pad + size, y + pad // 2), names[c], fill='black', font=font)
     return np.asarray(strip)
 
+# %% ../nbs/10b_predict.ipynb #6df0369a
 def overlay(image: np.ndarray, # (H,W,3) uint8
             mask: np.ndarray, # (H,W) class indices
             alpha: float = 0.5, # weight of the class colour
@@ -100,6 +104,17 @@ def overlay(image: np.ndarray, # (H,W,3) uint8
     return np.concatenate([out, legend_strip(names, sorted(int(c) for c in np.unique(mask)), out.shape[1])])
 
 # %% ../nbs/10b_predict.ipynb #c730f144
+def write_prediction(p, rgb, mask, mask_path, overlay_path, names=None) -> dict:
+    "Write one image's palette mask and overlay; `mask` may be a `Future` (the CRF's labels still computing in a worker)."
+    mask = mask.result() if isinstance(mask, Future) else mask
+    fix = 'Free disk space, or choose another --out.'
+    write_mask(mask_path, mask, fix)
+    pic = Image.fromarray(overlay(rgb, mask, names=names))
+    atomic_write(overlay_path, lambda f: pic.save(f, format='JPEG', quality=90), fix)
+    return dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
+                classes=sorted(int(c) for c in np.unique(mask)))
+
+# %% ../nbs/10b_predict.ipynb #950b3c93
 def predict_images(model, # a `WeCLIP` (put in eval mode here)
                    paths: list, # image files
                    out_dir, # where masks and overlays go
@@ -115,14 +130,7 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.eval(); dev = model.fg_text.device
     done = []
-    def finish(p, rgb, mask, mask_path, overlay_path):   # the CRF's labels may still be computing in a worker
-        mask = mask.result() if isinstance(mask, Future) else mask
-        fix = 'Free disk space, or choose another --out.'
-        write_mask(mask_path, mask, fix)
-        pic = Image.fromarray(overlay(rgb, mask, names=names))
-        atomic_write(overlay_path, lambda f: pic.save(f, format='JPEG', quality=90), fix)
-        done.append(dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
-                         classes=sorted(int(c) for c in np.unique(mask))))
+    def finish(*job): done.append(write_prediction(*job, names=names))
     with CRFPool(crf_workers if crf and len(paths) > 1 else 1) as pool:
         def job(p, mask_path, overlay_path):
             rgb = read_rgb(p, max_side)
@@ -132,8 +140,9 @@ def predict_images(model, # a `WeCLIP` (put in eval mode here)
         pool.in_order((job(p, *o) for p, o in progress_iter(zip(paths, outputs), 'predict', progress)), finish)
     return done
 
-def predict_cli(argv=None):
-    "`python -m weclip.predict`: segment your own images with a trained checkpoint."
+# %% ../nbs/10b_predict.ipynb #c1b10264
+def predict_parser() -> argparse.ArgumentParser:
+    "The options of `python -m weclip.predict`."
     ap = argparse.ArgumentParser(prog='python -m weclip.predict',
                                  description='Segment your own images with a trained WeCLIP: a VOC palette PNG mask '
                                  'and an overlay picture with a legend of its class colours per image.')
@@ -144,7 +153,12 @@ def predict_cli(argv=None):
     ap.add_argument('--max-side', type=int, default=MAX_SIDE, help='read pictures with their long side at most this '
                     'many pixels; masks and overlays come at that size (default: %(default)s; 0: the full size)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
-    a = ap.parse_args(argv)
+    return ap
+
+# %% ../nbs/10b_predict.ipynb #6e0fff13
+def predict_cli(argv=None):
+    "`python -m weclip.predict`: segment your own images with a trained checkpoint."
+    a = predict_parser().parse_args(argv)
     try:
         check_inference_args(a)
         paths = find_images(a.images, out_dir=a.out)

@@ -45,6 +45,7 @@ COCO_CLASSES = ('person', 'bicycle', 'car', 'motorbike', 'aeroplane',
                 'toaster', 'sink', 'refrigerator', 'book', 'clock',
                 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
 
+# %% ../nbs/01_prompts.ipynb #daddaa8c
 COCO_CLASSES_OFFICIAL = ('person with clothes,people,human', 'bicycle', 'car', 'motorbike', 'aeroplane',
                          'bus', 'train', 'truck', 'boat', 'traffic light',
                          'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird avian',
@@ -150,6 +151,7 @@ def clear_text_cache(clip_model=None):
     if clip_model is None: _TEXT_CACHE.clear()
     else: _TEXT_CACHE.pop(clip_model, None)
 
+# %% ../nbs/01_prompts.ipynb #b9e2f2f8
 def text_features(clip_model, tokenizer:Callable, names:Sequence[str], templates:Sequence[str]=TEMPLATES_OFFICIAL,
                   split_synonyms:bool=False, device=None, batch_size:int=256) -> torch.Tensor:
     "Text features t_c (len(names), E), float32, L2-normalised, averaged over templates (and synonyms); cached. `clip_model`: an open_clip CLIP or a `FrozenCLIP` (whose `numerics` then apply)."
@@ -196,11 +198,13 @@ def read_prompt_file(path) -> dict:
         table.setdefault(' '.join(name.split()).lower(), []).extend(prompts)
     return table
 
+# %% ../nbs/01_prompts.ipynb #161fb58c
 def default_background(classes:Sequence[str]) -> tuple:
     "VOC's 25 background words without the dataset's own class names (a class named 'road' is not background)."
     own = {w for c in classes for w in (c.lower(), c.lower().replace('_', ' '))}
     return tuple(w for w in VOC_BACKGROUND if w not in own)
 
+# %% ../nbs/01_prompts.ipynb #cdba22ba
 def custom_prompts(classes:Sequence[str], # the dataset's class names, in label order
                    templates:Sequence[str]=TEMPLATES_OFFICIAL,
                    prompts:dict|None=None, # class → its own prompts (`read_prompt_file`), used as written
@@ -218,6 +222,7 @@ def custom_prompts(classes:Sequence[str], # the dataset's class names, in label 
     fg = [prompts.get(c.lower()) or [t.format(c.replace('_', ' ')) for t in templates] for c in classes]
     return fg, [[t.format(w) for t in templates] for w in bg]
 
+# %% ../nbs/01_prompts.ipynb #562af7c4
 def prompt_features(clip_model, tokenizer:Callable, prompts:Sequence[Sequence[str]], device=None) -> torch.Tensor:
     "Features (len(prompts), E) of lists of prompts read as written: each list's prompts averaged, as `text_features` averages templates."
     n = context_length_of(clip_model, tokenizer)
