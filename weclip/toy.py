@@ -387,6 +387,25 @@ def _write_json(path, obj):
     from weclip.data import write_text   # here, not at the top: weclip.data imports torch
     write_text(path, json.dumps(obj, indent=0), _FIX_FULL)
 
+# %% ../nbs/07_toyworld.ipynb #60e350be
+def _complete(stamp:Path, root:Path, seed:int, meta:dict) -> bool:
+    "Whether `root` already holds this world, complete; a `ToyError` if it holds another seed or config."
+    if not stamp.exists(): return False
+    old = json.loads(stamp.read_text())
+    if (old.get('seed'), old.get('config')) != (seed, meta['config']):
+        raise ToyError(f'{root} already holds a toy dataset with another seed or config ({stamp}). '
+                       'Fix: write to another --out folder, or delete this one.')
+    return old == meta | {'complete': True}
+
+def _write_index(sets:Path, splits:dict, classes:tuple, labels:dict, captions:dict, info:dict):
+    "The split files (train_aug = train), the label file, the captions and what each scene shows, under `sets`."
+    from weclip.data import write_label_file, write_text   # here, not at the top: weclip.data imports torch
+    splits['train_aug'] = splits['train']
+    for split, names in splits.items():
+        write_text(sets / f'{split}.txt', ''.join(f'{n}\n' for n in names), _FIX_FULL)
+    write_label_file(sets / 'cls_labels.json', classes, labels)
+    _write_json(sets / 'captions.json', captions); _write_json(sets / 'scenes.json', info)
+
 # %% ../nbs/07_toyworld.ipynb #aef4b624
 def write_toy_dataset(root, # dataset folder (created)
                       n_train:int, # training images: splits train and train_aug
@@ -404,16 +423,11 @@ def write_toy_dataset(root, # dataset folder (created)
     meta = json.loads(json.dumps(dict(format='weclip-toy', version=1, seed=seed, config=asdict(cfg),
                                       n_train=n_train, n_val=n_val)))
     stamp = sets / 'toy.json'
-    if stamp.exists():
-        old = json.loads(stamp.read_text())
-        if (old.get('seed'), old.get('config')) != (seed, meta['config']):
-            raise ToyError(f'{root} already holds a toy dataset with another seed or config ({stamp}). '
-                           'Fix: write to another --out folder, or delete this one.')
-        if old == meta | {'complete': True}: return root
+    if _complete(stamp, root, seed, meta): return root
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from weclip.data import write_mask, write_label_file, palette_for, write_text as _write_text  # here, not at the top: it imports torch (2.6 s measured)
+    from weclip.data import write_mask, palette_for  # here, not at the top: it imports torch (2.6 s measured)
     pal = palette_for(('background', *cfg.classes))   # the masks' PNG colours: the toy palette
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not (progress and sys.stderr.isatty()))  # no bar in a batch log
     labels, captions, info, splits = {}, {}, {}, {}
@@ -429,11 +443,7 @@ def write_toy_dataset(root, # dataset folder (created)
                 _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL, pal); write_mask(files[2], s.mask, _FIX_FULL, pal)
             bar.update()
     bar.close()
-    splits['train_aug'] = splits['train']
-    for split, names in splits.items():
-        _write_text(sets / f'{split}.txt', ''.join(f'{n}\n' for n in names), _FIX_FULL)
-    write_label_file(sets / 'cls_labels.json', cfg.classes, labels)
-    _write_json(sets / 'captions.json', captions); _write_json(sets / 'scenes.json', info)
+    _write_index(sets, splits, cfg.classes, labels, captions, info)
     _write_json(stamp, meta | {'complete': True})
     return root
 
