@@ -39,6 +39,7 @@ def blown_up_tensors(state_dict: dict, bound: float = MAX_WEIGHT) -> list[tuple[
             if m > bound: out.append((k, m))
     return out
 
+# %% ../nbs/09b_checkpoint.ipynb #c54b5e83
 def diverged_advice(folder) -> str:
     "What to do after a diverged step: resume the last good last.pt with a lower --lr, or start again when there is none."
     last = Path(folder) / 'last.pt'
@@ -47,6 +48,7 @@ def diverged_advice(folder) -> str:
     return ("there is no good checkpoint to resume yet: run the same command again with a smaller --lr (or check the "
             "data)")
 
+# %% ../nbs/09b_checkpoint.ipynb #80b813a5
 def save_checkpoint(state: dict, path) -> Path:
     "Write `state` to `path` atomically (`atomic_write`: temporary file in the same folder, fsync, rename); refuse non-finite or blown-up weights."
     path = Path(path)
@@ -66,6 +68,7 @@ def save_checkpoint(state: dict, path) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f), what='the checkpoint ', sync=True,
                         fix=f'Free disk space or choose another --out-dir, {again}.', before_rename=_fault_injection)
 
+# %% ../nbs/09b_checkpoint.ipynb #6251380f
 def load_checkpoint(path, map_location='cpu',
                     missing: str = 'Start without --resume, or point --out-dir at the run to resume.', # advice
                     damaged: str = 'Delete it to start over, or copy best.pt over it and resume.', # advice
@@ -89,6 +92,7 @@ def load_checkpoint(path, map_location='cpu',
                          f"that diverged. {damaged}")
     return state
 
+# %% ../nbs/09b_checkpoint.ipynb #8dfd17cc
 def check_weclip_checkpoint(state, path, keys=('model', 'config'), # what the caller reads
                             fix: str = "pass the last.pt or best.pt that `python -m weclip.train` wrote") -> dict:
     "`state` if it is a checkpoint `python -m weclip.train` wrote (a dict with `keys`, decoder tensors, a run's configuration); one clear error otherwise."
@@ -150,6 +154,7 @@ def _alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/09b_checkpoint.ipynb #4f4da471
 class RunLock:
     "A run's claim on its folder: `OUT/.lock` holds the owner's host and pid; a second live run there is refused."
     def __init__(self, out_dir, option: str = '--out-dir'): # the option that names the folder (predict: --out)

@@ -34,7 +34,7 @@ class TrainConfig:
     "Every setting of a WeCLIP run. Presets: `PRESETS`; the command line overrides any field."
     preset: str = 'toy'              # toy | voc | coco: the values `PRESETS` gives, before overrides
     variant: str = 'official'        # official | paper: which side of the index's paper-vs-official table to follow
-    numerics: str = 'clean'          # clean: float32/float64 arithmetic | official: the official code's fp16 islands and float32 RFM sums (bit for bit on a CPU)
+    numerics: str = 'clean'          # clean: float32/float64 arithmetic | official: the official code's fp16 islands and float32 RFM sums (its forward pass bit for bit on a CPU; the backward differs in the last bits)
     dataset: str = 'toy'             # toy | voc | coco | custom (a folder prepared by data_scripts/prepare_folder.py)
     data_root: str = 'data/toy'      # folder in VOC layout (VOCdevkit/VOC2012, COCO in VOC layout, or the toy world)
     train_split: str = 'train_aug'   # split file (ImageSets/Segmentation/NAME.txt) the decoder trains on
@@ -93,7 +93,7 @@ PRESETS = {
                    pseudo_images=0),  # your own pictures: a folder prepared by data_scripts/prepare_folder.py
     'toy': dict(dataset='toy', data_root=str(toy_world_dir()), train_split='train', val_split='val',
                 crop_size=160, model='weclip-tiny', weights='toy', iters=800, batch_size=4, rfm_start=400,
-                decoder_dim=128, num_workers=0, eval_every=200, ckpt_every=50, report=True),  # ≈ 7 min, 2 cores
+                decoder_dim=128, num_workers=0, eval_every=200, ckpt_every=50, report=True),  # the toy world, on a CPU
 }
 PAPER = dict(lr=2e-3, decoder_lr_mult=1.0, weight_decay=1e-3, decoder_blocks=12, rfm_start=0, rfm_layers=7)  # N0=6..N=12
 
@@ -132,6 +132,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     need(0 < cfg.scale_min <= cfg.scale_max, 'scale_min', f'need 0 < scale_min <= scale_max ({cfg.scale_max})')
     return _check_more(cfg, need)
 
+# %% ../nbs/09_config.ipynb #fca0c4f8
 CHANGEABLE = ('lr', 'decoder_lr_mult', 'weight_decay')  # the settings `--allow-change` lets a resume change
 MAX_SCALE = 8.0  # the largest random rescale: beyond it the crop sees a few pixels of a huge picture
 
@@ -144,6 +145,7 @@ def _vision(model: str):
         return (p if isinstance(p, int) else p[0]), int(v['layers'])
     except Exception: return None
 
+# %% ../nbs/09_config.ipynb #c59e99ee
 def _check_more(cfg: TrainConfig, need) -> TrainConfig:
     "The checks every numeric option needs beyond its sign: finite, in the schedule's and the model's range."
     for f in ('lr', 'decoder_lr_mult', 'weight_decay', 'warmup_ratio', 'poly_power', 'scale_min', 'scale_max',
@@ -234,6 +236,22 @@ def _field_notes() -> dict:
     except (OSError, TypeError): return {}
     return dict(re.findall(r'^\s+(\w+): [^=]+=[^#\n]+#\s*(.+)$', src, re.M))
 
+# %% ../nbs/09_config.ipynb #f4784fe4
+def _add_option(ap: argparse.ArgumentParser, f: dataclasses.Field, opt: str, what: str):
+    "The option `opt` of `TrainConfig` field `f`: None when not given, so that the preset's value stands."
+    if f.name == 'preset':
+        ap.add_argument(opt, choices=list(PRESETS), default=None, help='preset values, before overrides (default: '
+                        'custom when --data-root is a folder prepared by data_scripts/prepare_folder.py, else toy)')
+    elif f.name == 'resume':          # --resume, --resume auto (checked by `check_config`), --no-resume
+        ap.add_argument(opt, nargs='?', const=True, default=None, metavar='auto', help=what)
+        ap.add_argument('--no-resume', dest='resume', action='store_false', default=None, help='start a new run')
+    elif f.type in (bool, 'bool'):   # None when not given, so that the preset's value stands
+        ap.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=what)
+    else:
+        typ = {'int': int, 'float': float, 'str': str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        ap.add_argument(opt, type=typ, default=None, help=what)
+
+# %% ../nbs/09_config.ipynb #be996e34
 def config_parser() -> argparse.ArgumentParser:
     "An argparse parser with one option per `TrainConfig` field (its meaning, default and preset values) plus `--preset`."
     ap = argparse.ArgumentParser(prog='python -m weclip.train',
@@ -244,25 +262,15 @@ def config_parser() -> argparse.ArgumentParser:
     notes = _field_notes()
     notes['variant'] = notes.get('variant', '') + ('; paper sets ' + ', '.join(f'{k}={v!r}' for k, v in PAPER.items()))
     for f in dataclasses.fields(TrainConfig):
-        opt = '--' + f.name.replace('_', '-')
         vals = {p: v.get(f.name, f.default) for p, v in sorted(PRESETS.items(), key=lambda kv: kv[0] != 'toy')}
         same = len({repr(v) for v in vals.values()}) == 1     # otherwise each preset's value, the default one first
         what = notes.get(f.name, '') + (f" (default {f.default!r})" if same else
                                          ' (' + ', '.join(f'{p} {v!r}' for p, v in vals.items()) + ')')
         what = what.strip().replace('%', '%%')
-        if f.name == 'preset':
-            ap.add_argument(opt, choices=list(PRESETS), default=None, help='preset values, before overrides (default: '
-                            'custom when --data-root is a folder prepared by data_scripts/prepare_folder.py, else toy)')
-        elif f.name == 'resume':          # --resume, --resume auto (checked by `check_config`), --no-resume
-            ap.add_argument(opt, nargs='?', const=True, default=None, metavar='auto', help=what)
-            ap.add_argument('--no-resume', dest='resume', action='store_false', default=None, help='start a new run')
-        elif f.type in (bool, 'bool'):   # None when not given, so that the preset's value stands
-            ap.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=what)
-        else:
-            typ = {'int': int, 'float': float, 'str': str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            ap.add_argument(opt, type=typ, default=None, help=what)
+        _add_option(ap, f, '--' + f.name.replace('_', '-'), what)
     return ap
 
+# %% ../nbs/09_config.ipynb #ed294a23
 def parse_config(argv=None) -> TrainConfig:
     "The `TrainConfig` a command line asks for: the preset's values, then the options given explicitly."
     a = vars(config_parser().parse_args(argv))

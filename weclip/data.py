@@ -14,11 +14,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['COCO_CATEGORIES', 'IGNORE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError', 'voc_palette',
-           'WriteError', 'atomic_write', 'write_text', 'write_mask', 'to_rgb', 'cap_long_side', 'read_image',
-           'read_mask', 'write_label_file', 'read_label_file', 'normalize', 'denormalize', 'random_crop',
-           'TrainTransform', 'EvalTransform', 'SegDataset', 'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader',
-           'one_line', 'plot_label_stats']
+__all__ = ['COCO_CATEGORIES', 'IGNORE', 'TOY_PALETTE', 'MIN_SIDE', 'IMAGE_SUFFIXES', 'BACKGROUND', 'NORMS', 'DatasetError',
+           'voc_palette', 'WriteError', 'atomic_write', 'write_text', 'write_mask', 'palette_for', 'to_rgb',
+           'cap_long_side', 'read_image', 'read_mask', 'write_label_file', 'read_label_file', 'normalize',
+           'denormalize', 'random_crop', 'TrainTransform', 'EvalTransform', 'read_split', 'split_labels', 'SegDataset',
+           'VOC', 'COCO', 'make_tiny_dataset', 'collate', 'loader', 'one_line', 'plot_label_stats']
 
 # %% ../nbs/06_data.ipynb #47b37050
 from .prompts import VOC_CLASSES  # the 20 VOC names, in mask order (one list for the kit)
@@ -49,9 +49,11 @@ def voc_palette(n:int=256) -> list[int]:
         pal += [r, g, b]
     return pal
 
+# %% ../nbs/06_data.ipynb #26925499
 class WriteError(OSError):
     "A file could not be written (a full disk, a quota, permissions); the message names it, what was kept and the fix."
 
+# %% ../nbs/06_data.ipynb #bc60a0b3
 def atomic_write(path, write, # `write(f)` fills `f`, the temporary file opened for binary writing
                  fix:str='Free disk space, or write elsewhere.', # the advice when the write fails
                  what:str='', # words before the path in the message ('the checkpoint ')
@@ -80,14 +82,29 @@ def atomic_write(path, write, # `write(f)` fills `f`, the temporary file opened 
         finally: os.close(dfd)
     return path
 
+# %% ../nbs/06_data.ipynb #8bf63831
 def write_text(path, text:str, fix:str='Free disk space, or write elsewhere.') -> Path:
     "`atomic_write` of a UTF-8 text file (results.json, config.json)."
     return atomic_write(path, lambda f: f.write(text.encode()), fix)
 
-def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose another output folder.'):
-    "Save a (H,W) uint8 class-index mask as a VOC palette PNG, through a temporary name then a rename (`atomic_write`)."
-    im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(voc_palette())
+def write_mask(path, mask:np.ndarray, fix:str='Free disk space, or choose another output folder.',
+               palette:list[int]|None=None, # the PNG's colours (`palette_for`); None: VOC's
+              ):
+    "Save a (H,W) uint8 class-index mask as a palette PNG (VOC's colours by default), through a temporary name then a rename (`atomic_write`)."
+    im = Image.fromarray(np.asarray(mask, np.uint8), mode='P'); im.putpalette(palette or voc_palette())
     return atomic_write(path, lambda f: im.save(f, format='PNG'), fix)
+
+# %% ../nbs/06_data.ipynb #bcb262e2
+TOY_PALETTE = {'circle': (220, 20, 40), 'square': (245, 120, 0), 'triangle': (250, 230, 40), 'star': (35, 160, 55),
+               'cross': (45, 90, 235), 'hexagon': (150, 60, 200), 'diamond': (245, 105, 185), 'crescent': (0, 200, 210)}
+
+def palette_for(names, # the mask's labels in order, background first ('background', 'circle', ...)
+                n:int=256) -> list[int]:
+    "Flat palette of `n` colours for masks labelled `names`: the toy shapes' colours when every foreground name is a toy shape, else VOC's."
+    pal, fg = voc_palette(n), list(names)[1:]
+    if fg and all(c in TOY_PALETTE for c in fg):
+        for i, c in enumerate(fg[:n - 1], 1): pal[3*i:3*i + 3] = TOY_PALETTE[c]
+    return pal
 
 # %% ../nbs/06_data.ipynb #3aa1295c
 _FIX_VOC = 'prepare it with data_scripts/prepare_voc.py'
@@ -100,6 +117,7 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (white
 
 def _one(text) -> str: return ' '.join(str(text).split())  # a message on one line
 
+# %% ../nbs/06_data.ipynb #2beae944
 def to_rgb(im:Image.Image, path='(in memory)') -> np.ndarray:
     "(H,W,3) uint8 RGB of a PIL image of any common mode, by its true range; `DatasetError` naming `path` otherwise."
     mode = im.mode
@@ -127,6 +145,7 @@ def cap_long_side(image:np.ndarray, max_side:int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((max(1, round(w * r)), max(1, round(h * r))), Image.BILINEAR,
                                                     reducing_gap=3.0))
 
+# %% ../nbs/06_data.ipynb #0e8eac63
 def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|None=None, upright:bool=False
               ) -> np.ndarray:
     "RGB image at `path` as a (H,W,3) uint8 array (long side capped at `max_side`); else a one-line `DatasetError`."
@@ -150,6 +169,7 @@ def read_image(path, fix:str=_FIX_IMAGE, min_side:int=MIN_SIDE, max_side:int|Non
         raise DatasetError(f'cannot read image {path} ({type(e).__name__}: {_one(e)}). Fix: {fix}.') from None
     return cap_long_side(rgb, max_side) if max_side else rgb
 
+# %% ../nbs/06_data.ipynb #bced75d6
 def read_mask(path, n_classes:int|None=None, label_file=None) -> np.ndarray:
     "Class-index mask at `path` (palette or greyscale PNG) as (H,W) uint8; values checked < `n_classes` (or 255)."
     try:
@@ -258,6 +278,7 @@ class TrainTransform:
         if mask is not None: out['mask'] = torch.from_numpy(mask.astype(np.int64))
         return out
 
+# %% ../nbs/06_data.ipynb #49f7a6fb
 @dataclass
 class EvalTransform:
     "Evaluation: the whole image at its original size, normalised; multi-scale inference resizes it later."
@@ -279,50 +300,45 @@ def _find_root(root, required:tuple[str, ...], kind:str, fix:str, nested=('VOC20
     raise DatasetError(f'{root} is not a {kind} layout: expected the folders {", ".join(required)} under it{where}. '
                        f'Fix: point root at the prepared dataset, or {fix}.')
 
-# %% ../nbs/06_data.ipynb #7739d5b3
-class SegDataset(Dataset):
-    "One split of a dataset in VOC layout: images, image-level labels from the label file, masks on request."
-    def __init__(self, root, split:str, img_dir, mask_dir, transform=None, label_file=None,
-                 with_masks:bool|None=None, seed:int|None=0, fix:str=_FIX_VOC):
-        self.root, self.split, self.img_dir, self.mask_dir = Path(root), split, Path(img_dir), Path(mask_dir)
-        self.transform = EvalTransform() if transform is None else transform
-        self.seed, self.epoch = seed, 0
-        sets = self.root / 'ImageSets' / 'Segmentation'
-        split_file = sets / f'{split}.txt'
-        if not split_file.is_file():
-            have = sorted(p.stem for p in sets.glob('*.txt'))
-            raise DatasetError(f'split file {split_file} not found (splits here: {have}). Fix: {fix}.')
-        try: self.names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DatasetError(f'split file {split_file} cannot be read as text ({type(e).__name__}: {_one(e)}). '
-                               f'Fix: write one image name per line into it, or {fix}.') from None
-        if not self.names:
-            raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
-                               f'Fix: write one image name per line into it, or {fix}.')
-        seen = set(); twice = sorted({n for n in self.names if n in seen or seen.add(n)})
-        if twice:   # an image listed twice would count twice in every mIoU
-            raise DatasetError(f'split file {split_file} lists {len(twice)} image(s) more than once (e.g. {twice[:3]}). '
-                               'Fix: keep one line per image (sort -u the file).')
-        self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
-        self.is_test = split == 'test'                                      # VOC test: images only
-        if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)
-        self.with_masks = with_masks
-        if with_masks: self._check_files(split_file, self.mask_dir, '.png', 'mask', fix)
-        self.label_file = Path(label_file) if label_file else sets / 'cls_labels.json'
-        if not self.label_file.exists() and (sets / 'cls_labels_onehot.npy').exists() and not label_file:
-            self.label_file = sets / 'cls_labels_onehot.npy'
-        self.classes, self.labels = None, None
-        if not self.is_test or self.label_file.exists():
-            self.classes, table = read_label_file(self.label_file)
-        if not self.is_test:
-            missing = [n for n in self.names if n not in table]
-            if missing:
-                raise DatasetError(f'label file {self.label_file} has no labels for {len(missing)} of the '
-                                   f'{len(self.names)} images of {split_file} (e.g. {missing[:3]}). Fix: regenerate '
-                                   f'the label file for this split ({fix}) or pass the right label_file=.')
-            self.labels = torch.from_numpy(np.stack([table[n] for n in self.names])) if self.names else \
-                torch.zeros(0, len(self.classes))
+# %% ../nbs/06_data.ipynb #faaefa3e
+def read_split(split_file:Path, fix:str) -> list[str]:
+    "The image names of a split file, one a line; a `DatasetError` if it cannot be read, is empty or lists a name twice."
+    try: names = [l.split()[0] for l in split_file.read_text().splitlines() if l.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f'split file {split_file} cannot be read as text ({type(e).__name__}: {_one(e)}). '
+                           f'Fix: write one image name per line into it, or {fix}.') from None
+    if not names:
+        raise DatasetError(f'split file {split_file} lists no images, and a dataset needs at least one. '
+                           f'Fix: write one image name per line into it, or {fix}.')
+    seen = set(); twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:   # an image listed twice would count twice in every mIoU
+        raise DatasetError(f'split file {split_file} lists {len(twice)} image(s) more than once (e.g. {twice[:3]}). '
+                           'Fix: keep one line per image (sort -u the file).')
+    return names
 
+# %% ../nbs/06_data.ipynb #44ab87d9
+def split_labels(names:list[str], split_file:Path, sets:Path, label_file, is_test:bool, fix:str):
+    "(label file, classes, (N, C) labels of `names`) of a split; a `DatasetError` names the images the label file lacks."
+    given = label_file
+    label_file = Path(label_file) if label_file else sets / 'cls_labels.json'
+    if not label_file.exists() and (sets / 'cls_labels_onehot.npy').exists() and not given:
+        label_file = sets / 'cls_labels_onehot.npy'
+    classes, labels = None, None
+    if not is_test or label_file.exists():
+        classes, table = read_label_file(label_file)
+    if not is_test:
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise DatasetError(f'label file {label_file} has no labels for {len(missing)} of the '
+                               f'{len(names)} images of {split_file} (e.g. {missing[:3]}). Fix: regenerate '
+                               f'the label file for this split ({fix}) or pass the right label_file=.')
+        labels = torch.from_numpy(np.stack([table[n] for n in names])) if names else \
+            torch.zeros(0, len(classes))
+    return label_file, classes, labels
+
+# %% ../nbs/06_data.ipynb #164002a4
+class _SplitFiles:
+    "Where a split's pictures and masks are, and the check that every listed one is there (`SegDataset`'s files)."
     def _check_files(self, split_file, folder, ext, what, fix):
         have = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
         if what == 'image':   # a picture that is not NAME.jpg may be NAME.png, NAME.jpeg, ... (a prepared folder of your own)
@@ -345,6 +361,28 @@ class SegDataset(Dataset):
         "Path of the mask of image `name`."
         p = self.mask_dir / f'{name}.png'
         return p if p.exists() else self.mask_dir / f'{self._alt(name)}.png'
+
+# %% ../nbs/06_data.ipynb #7739d5b3
+class SegDataset(_SplitFiles, Dataset):
+    "One split of a dataset in VOC layout: images, image-level labels from the label file, masks on request."
+    def __init__(self, root, split:str, img_dir, mask_dir, transform=None, label_file=None,
+                 with_masks:bool|None=None, seed:int|None=0, fix:str=_FIX_VOC):
+        self.root, self.split, self.img_dir, self.mask_dir = Path(root), split, Path(img_dir), Path(mask_dir)
+        self.transform = EvalTransform() if transform is None else transform
+        self.seed, self.epoch = seed, 0
+        sets = self.root / 'ImageSets' / 'Segmentation'
+        split_file = sets / f'{split}.txt'
+        if not split_file.is_file():
+            have = sorted(p.stem for p in sets.glob('*.txt'))
+            raise DatasetError(f'split file {split_file} not found (splits here: {have}). Fix: {fix}.')
+        self.names = read_split(split_file, fix)
+        self._check_files(split_file, self.img_dir, '.jpg', 'image', fix)
+        self.is_test = split == 'test'                                      # VOC test: images only
+        if with_masks is None: with_masks = not self.is_test and not isinstance(self.transform, TrainTransform)
+        self.with_masks = with_masks
+        if with_masks: self._check_files(split_file, self.mask_dir, '.png', 'mask', fix)
+        self.label_file, self.classes, self.labels = split_labels(self.names, split_file, sets, label_file,
+                                                                  self.is_test, fix)
 
     def set_epoch(self, epoch:int):
         "Draw the augmentations of epoch `epoch` (with a seed, epoch e is the same in every run)."
@@ -396,28 +434,34 @@ class COCO(SegDataset):
 
     def _alt(self, name): return name.rsplit('_', 1)[-1]  # COCO_train2014_000000000009 → 000000000009.png
 
+# %% ../nbs/06_data.ipynb #b471e8c8
+def _tiny_picture(rng:np.random.Generator, n_classes:int, borders:bool) -> tuple[np.ndarray, np.ndarray]:
+    "A picture of 1-3 class rectangles in their VOC colours on grey, and its mask (with 255 on their top and bottom rows if `borders`)."
+    pal = np.array(voc_palette()).reshape(-1, 3)
+    h, w = int(rng.integers(40, 90)), int(rng.integers(50, 120))
+    mask = np.zeros((h, w), np.uint8)
+    present = rng.choice(n_classes, int(rng.integers(1, 4)), replace=False)
+    for c in present:
+        y0, x0 = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
+        y1, x1 = y0 + int(rng.integers(12, h - y0 + 1)), x0 + int(rng.integers(12, w - x0 + 1))
+        mask[y0:y1, x0:x1] = c + 1
+        if borders: mask[y0, x0:x1] = mask[y1 - 1, x0:x1] = IGNORE  # VOC-like borders
+    image = np.where(mask[..., None] == 0, 100, pal[np.minimum(mask, len(pal) - 1)]).astype(np.uint8)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    return image, mask
+
 # %% ../nbs/06_data.ipynb #cf59a1cb
 def make_tiny_dataset(root, layout:str='voc', n_train:int=6, n_val:int=3, n_test:int=2, classes=None, seed:int=0) -> Path:
     "Write a tiny dataset in the `layout` ('voc' or 'coco') under `root`; returns the root to give `VOC`/`COCO`."
     root = Path(root); rng = np.random.default_rng(seed)
     classes = list(classes or (VOC_CLASSES if layout == 'voc' else COCO_CATEGORIES))
     sets = root / 'ImageSets' / 'Segmentation'; sets.mkdir(parents=True, exist_ok=True)
-    pal = np.array(voc_palette()).reshape(-1, 3)
     splits, labels = {}, {}
     for split, n in (('train', n_train), ('val', n_val), ('test', n_test if layout == 'voc' else 0)):
         names = []
         for i in range(n):
             name = f'2007_{split}{i:03d}' if layout == 'voc' else f'COCO_{split}2014_{i:012d}'
-            h, w = int(rng.integers(40, 90)), int(rng.integers(50, 120))
-            mask = np.zeros((h, w), np.uint8)
-            present = rng.choice(len(classes), int(rng.integers(1, 4)), replace=False)
-            for c in present:
-                y0, x0 = int(rng.integers(0, h - 16)), int(rng.integers(0, w - 16))
-                y1, x1 = y0 + int(rng.integers(12, h - y0 + 1)), x0 + int(rng.integers(12, w - x0 + 1))
-                mask[y0:y1, x0:x1] = c + 1
-                if layout == 'voc': mask[y0, x0:x1] = mask[y1 - 1, x0:x1] = IGNORE  # VOC-like borders
-            image = np.where(mask[..., None] == 0, 100, pal[np.minimum(mask, len(pal) - 1)]).astype(np.uint8)
-            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+            image, mask = _tiny_picture(rng, len(classes), layout == 'voc')
             sub = '' if layout == 'voc' else split
             (root / 'JPEGImages' / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(root / 'JPEGImages' / sub / f'{name}.jpg', quality=95)
@@ -468,7 +512,9 @@ def one_line(exc:BaseException) -> str:
     return _one(msg) or type(exc).__name__
 
 # %% ../nbs/06_data.ipynb #f394dd1c
-def plot_label_stats(dataset:SegDataset, axes=None):
+def plot_label_stats(dataset:SegDataset, axes=None,
+                     name:str|None=None, # the dataset's name in the title (default: its class and split)
+                    ):
     "Bar plots of the images per class and of the number of labels per image of `dataset`."
     import matplotlib.pyplot as plt
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(12, 3), gridspec_kw={'width_ratios': [3, 1]})
@@ -476,7 +522,7 @@ def plot_label_stats(dataset:SegDataset, axes=None):
     per_class, per_image = labels.sum(0), labels.sum(1).long()
     axes[0].bar(range(len(per_class)), per_class.numpy())
     axes[0].set_xticks(range(len(per_class)), dataset.classes, rotation=90, fontsize=7 if len(per_class) > 30 else 9)
-    axes[0].set_ylabel('images'); axes[0].set_title(f'{type(dataset).__name__} {dataset.split}: images per class')
+    axes[0].set_ylabel('images'); axes[0].set_title(f'{name or type(dataset).__name__ + " " + dataset.split}: images per class')
     counts = torch.bincount(per_image)
     axes[1].bar(range(len(counts)), counts.numpy()); axes[1].set_xlabel('labels per image')
     axes[1].set_title(f'{len(dataset)} images'); axes[0].figure.tight_layout()

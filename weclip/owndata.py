@@ -73,6 +73,7 @@ def gallery_indices(n_val:int, n:int=8) -> list[int]:
     "The val pictures a gallery shows: `n` spread evenly over the split, the same at every evaluation."
     return sorted(set(np.linspace(0, n_val - 1, min(n, n_val)).round().astype(int).tolist())) if n_val else []
 
+# %% ../nbs/06b_owndata.ipynb #928ac0f1
 @torch.no_grad()
 def gallery_rows(model, # a `WeCLIP`
                  dataset, # a val split with full-size samples (EvalTransform)
@@ -96,6 +97,7 @@ def gallery_rows(model, # a `WeCLIP`
         rows.append(row)
     return rows
 
+# %% ../nbs/06b_owndata.ipynb #a7b12df9
 def draw_gallery(rows:list[dict], # from `gallery_rows`
                  names:list[str], # class names, background first
                  title:str='') -> np.ndarray:
@@ -113,11 +115,13 @@ def draw_gallery(rows:list[dict], # from `gallery_rows`
     for j, c in enumerate(cols): draw.text((gap + j * (w + gap), head - size - gap), c, fill='black', font=font)
     for i, r in enumerate(rows):
         for j, k in enumerate(keys):
-            tile = r['picture'] if k == 'picture' else overlay(r['picture'], np.where(r[k] == 255, 0, r[k]).astype(np.int64))
+            tile = r['picture'] if k == 'picture' else overlay(   # in the legend's colours (`palette_for(names)`); its own legend cut off
+                r['picture'], np.where(r[k] == 255, 0, r[k]).astype(np.int64), names=names)[:r['picture'].shape[0]]
             canvas.paste(Image.fromarray(tile), (gap + j * (w + gap), head + i * (h + gap)))
     legend = legend_strip(names, range(len(names)), W)
     return np.concatenate([np.asarray(canvas), legend])
 
+# %% ../nbs/06b_owndata.ipynb #9d477e21
 def write_gallery(model, dataset, out_dir, iteration:int, names:list[str], n:int=8, long_side:int|None=None,
                   norm:str='imagenet') -> Path:
     "Draw the gallery of `n` fixed val pictures at `iteration` into OUT_DIR/gallery/iter_NNNNNN.png (through a temporary name); its path."

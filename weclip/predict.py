@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from .data import write_mask, voc_palette, normalize, read_image, one_line, atomic_write
+from .data import write_mask, palette_for, normalize, read_image, one_line, atomic_write
 from .checkpoint import RunLock
 from .evaluate import (OFFICIAL_SCALES, infer_logits, dense_crf, load_model, default_long_side,
                              add_inference_options, EvalError, require_crf, CRFPool, progress_iter,
@@ -73,8 +73,8 @@ def legend_strip(names: list[str], # class names, background first
                  classes, # the class indices to name
                  width: int, # the strip's width in pixels (the picture's)
                 ) -> np.ndarray:
-    "(h, width, 3) uint8: a white strip naming each of `classes` beside a swatch of its VOC colour, wrapped to `width`."
-    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    "(h, width, 3) uint8: a white strip naming each of `classes` beside a swatch of its colour (`palette_for`), wrapped to `width`."
+    pal = np.array(palette_for(names), np.uint8).reshape(-1, 3)
     size = max(10, min(24, width // 40))
     font = ImageFont.load_default(size=size)
     items, x, y, pad = [], 0, 0, size // 2
@@ -96,8 +96,8 @@ def overlay(image: np.ndarray, # (H,W,3) uint8
             alpha: float = 0.5, # weight of the class colour
             names: list[str] | None = None, # class names (background first): a legend of the classes present below
            ) -> np.ndarray:
-    "The image with each non-background pixel blended with its class's VOC colour; with `names`, a colour legend under it."
-    pal = np.array(voc_palette(), np.float32).reshape(-1, 3)
+    "The image with each non-background pixel blended with its class's colour (`palette_for(names)`: VOC's without names); with `names`, a colour legend under it."
+    pal = np.array(palette_for(names or ()), np.float32).reshape(-1, 3)
     blend = (1 - alpha) * image + alpha * pal[mask]
     out = np.where(mask[..., None] > 0, blend, image).round().astype(np.uint8)
     if names is None: return out

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
 
-from .toy import make_scene, toy_config
-from .data import normalize, voc_palette, one_line
+from .toy import make_scene, toy_config, SHAPES
+from .data import normalize, palette_for, one_line
 from .config import TOY_WORLD, toy_world_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import WeCLIP
@@ -88,8 +88,8 @@ def pipeline_maps(model: WeCLIP, # a WeCLIP, e.g. `pretrained_toy()[0]`
 
 # %% ../nbs/10c_pretrained.ipynb #f3980299
 def class_colours(n: int) -> np.ndarray:
-    "(n, 3) float RGB in [0, 1]: the VOC palette of the kit's masks (0 background black, then classes 1, 2, ...)."
-    return np.array(voc_palette(n), np.float32).reshape(n, 3) / 255
+    "(n, 3) float RGB in [0, 1]: the toy palette of the kit's masks (0 background black, then classes 1, 2, ...)."
+    return np.array(palette_for(('background', *SHAPES), n), np.float32).reshape(n, 3) / 255
 
 def colour_mask(mask, # (H,W) labels: 0 background, c for class c, 255 ignored
                 n: int, # classes, background included

@@ -52,27 +52,32 @@ class ToyConfig:
     caption_words: float = 0.5                 # P(each optional caption word: size, pattern, colour, position, background)
     patch: int = 8                             # patch size of the tiny CLIP that reads the images
 
-    def __post_init__(self):
-        for k in ('classes', 'textures', 'count_probs', 'scale'): object.__setattr__(self, k, tuple(getattr(self, k)))
-        if not self.classes: raise ToyError(f'no classes requested: ask for at least one of {", ".join(SHAPES)}.')
-        if any(c not in SHAPES for c in self.classes) or len(set(self.classes)) < len(self.classes):
-            raise ToyError(f'classes {self.classes} must be distinct names among {", ".join(SHAPES)}.')
-        if not self.textures or any(t not in TEXTURES for t in self.textures):
-            raise ToyError(f'textures {self.textures} must be a non-empty subset of {", ".join(TEXTURES)}.')
-        if self.size % self.patch or self.size < 4 * self.patch:
-            raise ToyError(f'image size {self.size} is not a multiple of the patch size {self.patch} (or is below '
-                           f'{4 * self.patch}): use e.g. 160, a {160 // self.patch}x{160 // self.patch} patch grid.')
-        p = self.count_probs
-        if not p or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
-            raise ToyError(f'count_probs {p} must be non-negative and sum to 1 (P(1 object), P(2), ...).')
-        if not 0 < self.scale[0] <= self.scale[1] <= 0.45:
-            raise ToyError(f'scale {self.scale} must satisfy 0 < low <= high <= 0.45 (radius / image size).')
-        for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words', 'body',
-                  'body_tint'):
-            if not 0 <= getattr(self, k) <= 1: raise ToyError(f'{k} = {getattr(self, k)} is a probability: use 0..1.')
-        if self.clutter < 0 or self.colour_jitter < 0: raise ToyError('clutter and colour_jitter must be >= 0.')
-        if not 0.1 <= self.body_part <= 1: raise ToyError(f'body_part = {self.body_part}: the part is 0.1..1 of the body radius.')
+    def __post_init__(self): _check_config(self)   # tuples, and every field in range (below)
 
+# %% ../nbs/07_toyworld.ipynb #eb38ca42
+def _check_config(cfg:ToyConfig):
+    "Fields as tuples, and every field in range; a `ToyError` names the field and the fix."
+    for k in ('classes', 'textures', 'count_probs', 'scale'): object.__setattr__(cfg, k, tuple(getattr(cfg, k)))
+    if not cfg.classes: raise ToyError(f'no classes requested: ask for at least one of {", ".join(SHAPES)}.')
+    if any(c not in SHAPES for c in cfg.classes) or len(set(cfg.classes)) < len(cfg.classes):
+        raise ToyError(f'classes {cfg.classes} must be distinct names among {", ".join(SHAPES)}.')
+    if not cfg.textures or any(t not in TEXTURES for t in cfg.textures):
+        raise ToyError(f'textures {cfg.textures} must be a non-empty subset of {", ".join(TEXTURES)}.')
+    if cfg.size % cfg.patch or cfg.size < 4 * cfg.patch:
+        raise ToyError(f'image size {cfg.size} is not a multiple of the patch size {cfg.patch} (or is below '
+                       f'{4 * cfg.patch}): use e.g. 160, a {160 // cfg.patch}x{160 // cfg.patch} patch grid.')
+    p = cfg.count_probs
+    if not p or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+        raise ToyError(f'count_probs {p} must be non-negative and sum to 1 (P(1 object), P(2), ...).')
+    if not 0 < cfg.scale[0] <= cfg.scale[1] <= 0.45:
+        raise ToyError(f'scale {cfg.scale} must satisfy 0 < low <= high <= 0.45 (radius / image size).')
+    for k in ('min_visible', 'colour_noise', 'textured', 'thin_parts', 'cooccurrence', 'caption_words', 'body',
+              'body_tint'):
+        if not 0 <= getattr(cfg, k) <= 1: raise ToyError(f'{k} = {getattr(cfg, k)} is a probability: use 0..1.')
+    if cfg.clutter < 0 or cfg.colour_jitter < 0: raise ToyError('clutter and colour_jitter must be >= 0.')
+    if not 0.1 <= cfg.body_part <= 1: raise ToyError(f'body_part = {cfg.body_part}: the part is 0.1..1 of the body radius.')
+
+# %% ../nbs/07_toyworld.ipynb #688bce21
 PRESETS = {'easy': ToyConfig(),  # one colour per class, no noise, no clutter
            'classic': ToyConfig(colour_noise=0.1, colour_jitter=12, textured=0.3, thin_parts=0.3, clutter=1.0,
                                 cooccurrence=0.6)}  # whole-object CAMs: little for propagation to fix (07c_headroom)
@@ -88,6 +93,7 @@ def toy_config(preset:str|ToyConfig='default', **changes) -> ToyConfig:
     if preset not in PRESETS: raise ToyError(f'unknown preset {preset!r}: use one of {", ".join(PRESETS)}.')
     return replace(PRESETS[preset], **changes)
 
+# %% ../nbs/07_toyworld.ipynb #9ac58a0f
 def parse_changes(items:list|None, # KEY=VALUE strings, as `--set` takes them
                  ) -> dict:
     "`toy_config` changes from KEY=VALUE strings: numbers, tuples as comma lists, words as strings."
@@ -118,6 +124,7 @@ def value_noise(rng:np.random.Generator, size:int, cells:int=4, octaves:int=3) -
 
 def _tint(rng, rgb, spread=12): return np.float32(rgb) + rng.normal(0, spread, 3).astype(np.float32)
 
+# %% ../nbs/07_toyworld.ipynb #485a0f04
 def _grass(rng, S):
     v = 0.6 + 0.35 * value_noise(rng, S, 3) + 0.35 * (_up(rng.random((max(2, S // 12), S)), S) - 0.5)  # blades
     return v[..., None] * _tint(rng, (75, 150, 55))
@@ -133,6 +140,7 @@ def _sky(rng, S):
     cloud = np.clip((value_noise(rng, S, 3, 3) - 0.5) / 0.2, 0, 1)[..., None]
     return (1 - cloud) * ((1 - t) * _tint(rng, (80, 145, 225)) + t * _tint(rng, (175, 210, 245))) + cloud * 248
 
+# %% ../nbs/07_toyworld.ipynb #2acf9e25
 def _sand(rng, S):
     yy, xx = _grid(S); a = rng.uniform(0, np.pi)
     ripples = np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / rng.uniform(5, 9) * 160 / S
@@ -155,6 +163,7 @@ def _snow(rng, S):
     img[rng.random((S, S)) > 0.985] = 255  # sparkles
     return img
 
+# %% ../nbs/07_toyworld.ipynb #23bc2c10
 _TEXTURE_FNS = dict(grass=_grass, water=_water, sky=_sky, sand=_sand, brick=_brick, snow=_snow)
 
 def texture(name:str, size:int, rng:np.random.Generator) -> np.ndarray:
@@ -187,6 +196,7 @@ def raster(parts:list, size:int) -> tuple[np.ndarray, int]:
     if y1 > y0 and x1 > x0: out[y0:y1, x0:x1] = local[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
     return out, int(local.sum())
 
+# %% ../nbs/07_toyworld.ipynb #608a1437
 def _ngon(n, r=1.0, phase=0.0):
     a = phase + 2 * np.pi * np.arange(n) / n; return r * np.stack([np.cos(a), np.sin(a)], 1)
 
@@ -209,6 +219,7 @@ def _bar(p0, p1, width):
     d = np.subtract(p1, p0); n = np.array([-d[1], d[0]]) / (np.hypot(*d) + 1e-9) * width / 2
     return np.array([p0 + n, p1 + n, p1 - n, p0 - n])
 
+# %% ../nbs/07_toyworld.ipynb #fcc5fcd4
 def shape_parts(name:str, r:float, angle:float, cx:float, cy:float, spokes=()) -> list:
     "Polygons of shape `name` (radius r, rotation, centre) plus its thin spokes (angle, length/r, width px)."
     outline, hole = OUTLINES[name]
@@ -268,6 +279,7 @@ def scene_rngs(seed:int, index:int, split:str='train', n:int=5) -> list:
     stream = _STREAMS.get(split, zlib.crc32(split.encode()))
     return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, stream, index]).spawn(n)]
 
+# %% ../nbs/07_toyworld.ipynb #93cf9a39
 def _pattern(S, angle, period, kind):
     "(S,S) bool fill pattern: stripes, checks or spots (kind 0, 1, 2)."
     yy, xx = _grid(S); u, v = xx * np.cos(angle) + yy * np.sin(angle), yy * np.cos(angle) - xx * np.sin(angle)
@@ -291,7 +303,7 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
     "Scene `index` of `split`: the same (seed, split, index, config) always gives the same scene."
     cfg = toy_config(config) if isinstance(config, str) else config
     S, C, palette = cfg.size, len(cfg.classes), list(COLOURS)
-    r_layout, r_look, r_bg, r_clutter, r_cap, r_body = scene_rngs(seed, index, split, 6)  # the first 5 as before
+    r_layout, r_look, r_bg, r_clutter, r_cap, r_body = scene_rngs(seed, index, split, 6)  # body last: the first five streams do not depend on it
     n = min(int(r_layout.choice(len(cfg.count_probs), p=cfg.count_probs)) + 1, C)      # layout
     cls, rad = r_layout.choice(C, n, replace=False), r_layout.uniform(*cfg.scale, n) * S
     ang, cxy = r_layout.uniform(0, 2 * np.pi, n), r_layout.uniform(0, 1, (n, 2)) * (S - rad[:, None]) + rad[:, None] / 2
@@ -345,17 +357,19 @@ def make_scene(index:int, seed:int=0, config:ToyConfig|str='default', split:str=
                  make_caption(objects, tex, r_cap, cfg.caption_words), tex, objects)
 
 # %% ../nbs/07_toyworld.ipynb #d5b290bd
-def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True):
-    "Grid of scenes (and their masks under them); captions as titles."
+def show_scenes(scenes:list, ncols:int=8, masks:bool=True, title:str|None=None, captions:bool=True,
+                classes:tuple=SHAPES, # the scenes' classes (`ToyConfig.classes`): the masks' colours
+               ):
+    "Grid of scenes (and their masks under them, in the toy palette); captions as titles."
     import matplotlib.pyplot as plt            # optional dependency: only for pictures
-    from weclip.data import voc_palette  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
-    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    from weclip.data import palette_for  # here, not at the top: weclip.data imports torch (2.6 s measured), which scenes do not need
+    pal = np.array(palette_for(('background', *classes)), np.uint8).reshape(-1, 3)
     nrows = -(-len(scenes) // ncols) * (2 if masks else 1)
-    fig, axs = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.1 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.9 * nrows), squeeze=False)
     for i, s in enumerate(scenes):
         r, c = divmod(i, ncols); r *= 2 if masks else 1
         axs[r, c].imshow(s.image)
-        if captions: axs[r, c].set_title(textwrap.fill(s.caption, 32), fontsize=6)
+        if captions: axs[r, c].set_title(textwrap.fill(s.caption, 30), fontsize=9)
         if masks: axs[r + 1, c].imshow(pal[s.mask])
     for ax in axs.flat: ax.axis('off')
     if title: fig.suptitle(title)
@@ -373,6 +387,26 @@ def _write_json(path, obj):
     from weclip.data import write_text   # here, not at the top: weclip.data imports torch
     write_text(path, json.dumps(obj, indent=0), _FIX_FULL)
 
+# %% ../nbs/07_toyworld.ipynb #60e350be
+def _complete(stamp:Path, root:Path, seed:int, meta:dict) -> bool:
+    "Whether `root` already holds this world, complete; a `ToyError` if it holds another seed or config."
+    if not stamp.exists(): return False
+    old = json.loads(stamp.read_text())
+    if (old.get('seed'), old.get('config')) != (seed, meta['config']):
+        raise ToyError(f'{root} already holds a toy dataset with another seed or config ({stamp}). '
+                       'Fix: write to another --out folder, or delete this one.')
+    return old == meta | {'complete': True}
+
+def _write_index(sets:Path, splits:dict, classes:tuple, labels:dict, captions:dict, info:dict):
+    "The split files (train_aug = train), the label file, the captions and what each scene shows, under `sets`."
+    from weclip.data import write_label_file, write_text   # here, not at the top: weclip.data imports torch
+    splits['train_aug'] = splits['train']
+    for split, names in splits.items():
+        write_text(sets / f'{split}.txt', ''.join(f'{n}\n' for n in names), _FIX_FULL)
+    write_label_file(sets / 'cls_labels.json', classes, labels)
+    _write_json(sets / 'captions.json', captions); _write_json(sets / 'scenes.json', info)
+
+# %% ../nbs/07_toyworld.ipynb #aef4b624
 def write_toy_dataset(root, # dataset folder (created)
                       n_train:int, # training images: splits train and train_aug
                       n_val:int, # validation images: split val
@@ -389,16 +423,12 @@ def write_toy_dataset(root, # dataset folder (created)
     meta = json.loads(json.dumps(dict(format='weclip-toy', version=1, seed=seed, config=asdict(cfg),
                                       n_train=n_train, n_val=n_val)))
     stamp = sets / 'toy.json'
-    if stamp.exists():
-        old = json.loads(stamp.read_text())
-        if (old.get('seed'), old.get('config')) != (seed, meta['config']):
-            raise ToyError(f'{root} already holds a toy dataset with another seed or config ({stamp}). '
-                           'Fix: write to another --out folder, or delete this one.')
-        if old == meta | {'complete': True}: return root
+    if _complete(stamp, root, seed, meta): return root
     for d in ('JPEGImages', 'SegmentationClass', 'SegmentationClassAug', 'ImageSets/Segmentation'):
         (root / d).mkdir(parents=True, exist_ok=True)
     _write_json(stamp, meta | {'complete': False})
-    from weclip.data import write_mask, write_label_file, write_text as _write_text  # here, not at the top: it imports torch (2.6 s measured)
+    from weclip.data import write_mask, palette_for  # here, not at the top: it imports torch (2.6 s measured)
+    pal = palette_for(('background', *cfg.classes))   # the masks' PNG colours: the toy palette
     bar = tqdm(total=n_train + n_val, desc='toy scenes', unit='img', disable=not (progress and sys.stderr.isatty()))  # no bar in a batch log
     labels, captions, info, splits = {}, {}, {}, {}
     for split, n in (('train', n_train), ('val', n_val)):
@@ -410,14 +440,10 @@ def write_toy_dataset(root, # dataset folder (created)
             files = [root / 'JPEGImages' / f'{name}.jpg'] + [root / d / f'{name}.png'
                                                               for d in ('SegmentationClass', 'SegmentationClassAug')]
             if not all(f.exists() for f in files):
-                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL); write_mask(files[2], s.mask, _FIX_FULL)
+                _save_jpeg(files[0], s.image); write_mask(files[1], s.mask, _FIX_FULL, pal); write_mask(files[2], s.mask, _FIX_FULL, pal)
             bar.update()
     bar.close()
-    splits['train_aug'] = splits['train']
-    for split, names in splits.items():
-        _write_text(sets / f'{split}.txt', ''.join(f'{n}\n' for n in names), _FIX_FULL)
-    write_label_file(sets / 'cls_labels.json', cfg.classes, labels)
-    _write_json(sets / 'captions.json', captions); _write_json(sets / 'scenes.json', info)
+    _write_index(sets, splits, cfg.classes, labels, captions, info)
     _write_json(stamp, meta | {'complete': True})
     return root
 

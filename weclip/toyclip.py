@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .backbone import TINY_CLIP, TINY_CLIP_CFG, TINY_CLIP_TAG, LOCAL_PRETRAINED, BackboneError, FrozenCLIP, load_clip, read_clip_weights
 from .toy import SHAPES, TEXTURES, PRESETS, ToyConfig, toy_config, parse_changes, make_scene
-from .data import NORMS, voc_palette, atomic_write, write_text
+from .data import NORMS, palette_for, atomic_write, write_text
 from .cam import initial_cam
 from .rfm import pseudo_labels
 from .prompts import text_features
@@ -23,9 +23,9 @@ from .prompts import text_features
 # %% auto #0
 __all__ = ['TINY_CLIP_WEIGHTS', 'TRAIN_TEMPLATE', 'SHAPED_BLOCKS', 'ToyClipError', 'caption_targets', 'same_classes',
            'sigmoid_loss', 'lme_pool', 'attention_loss', 'concept_loss', 'value_readout', 'tiny_forward',
-           'tiny_clip_loss', 'render_scenes', 'to_input', 'param_groups', 'lr_at', 'train_tiny_clip', 'main',
-           'load_tiny_clip', 'average_precision', 'iou_per_class', 'pseudo_from_cam', 'zero_shot_scores',
-           'cam_pseudo_labels', 'measure_tiny_clip', 'miou', 'knob_study', 'show_toy_cams']
+           'tiny_clip_loss', 'render_scenes', 'to_input', 'param_groups', 'lr_at', 'load_tiny_clip',
+           'average_precision', 'iou_per_class', 'pseudo_from_cam', 'zero_shot_scores', 'cam_pseudo_labels',
+           'measure_tiny_clip', 'miou', 'knob_study', 'show_toy_cams', 'train_tiny_clip', 'main']
 
 # %% ../nbs/07b_toyclip.ipynb #cfc23363
 TINY_CLIP_WEIGHTS = LOCAL_PRETRAINED[TINY_CLIP, TINY_CLIP_TAG]  # the shipped fp16 state dict (weclip.backbone names it)
@@ -192,6 +192,157 @@ def lr_at(step:int, total:int, lr:float=1.5e-3, warmup:int=100) -> float:
     if step < warmup: return lr * (step + 1) / warmup
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
+# %% ../nbs/07b_toyclip.ipynb #9759ba17
+def load_tiny_clip(device:str|torch.device='cpu',
+                   weights:str|Path|None=None, # a state dict written by `train_tiny_clip`; None: the shipped one
+                  ) -> nn.Module:
+    "The trained tiny CLIP ('weclip-tiny') in eval mode on `device`."
+    path = Path(weights).expanduser() if weights is not None else TINY_CLIP_WEIGHTS
+    fix = ("pass a file written by `python -m weclip.toyclip --train --out PATH`, or no weights for the shipped "
+           "ones; other CLIPs load with weclip.backbone.load_clip(name, weights)")
+    if not path.is_file():
+        raise ToyClipError(f'no tiny-CLIP weights at {path}: ' + (fix if weights is not None else
+                           'the package should ship them; reinstall weclip, or train them with '
+                           '`python -m weclip.toyclip --train --out weclip/assets/weclip-tiny.pt`'))
+    try: sd = read_clip_weights(path)
+    except BackboneError as e: raise ToyClipError(f'{path} is not a tiny-CLIP checkpoint: {e}') from None
+    model = load_clip(TINY_CLIP, None)
+    want = model.state_dict()
+    bad = ([f'missing {k}' for k in want if k not in sd] + [f'unexpected {k}' for k in sd if k not in want] +
+           [f'{k} is {tuple(sd[k].shape)}, not {tuple(v.shape)}' for k, v in want.items()
+            if k in sd and sd[k].shape != v.shape])
+    if bad: raise ToyClipError(f'{path} is not a tiny-CLIP checkpoint ({len(bad)} problems, first: {bad[0]}); {fix}.')
+    model.load_state_dict(sd)
+    return model.to(device).eval()
+
+# %% ../nbs/07b_toyclip.ipynb #4ac3f05d
+def average_precision(scores:torch.Tensor, # (N, C) scores
+                      targets:torch.Tensor, # (N, C) 0/1
+                     ) -> torch.Tensor:
+    "Per-class average precision (C,): mean over positives of the precision at their rank; nan for a class with none."
+    order = scores.argsort(0, descending=True)
+    t = targets.float().gather(0, order)
+    prec = t.cumsum(0) / torch.arange(1, len(t) + 1, device=t.device)[:, None]
+    return (prec * t).sum(0) / t.sum(0)
+
+def iou_per_class(pred:torch.Tensor, # (N, H, W) long predictions, 0 background
+                  mask:torch.Tensor, # (N, H, W) long ground truth, 255 ignored
+                  n:int, # classes including background
+                 ) -> torch.Tensor:
+    "IoU of each of the n classes (n,) over all pixels; nan for a class in neither."
+    ok = mask != 255
+    cm = torch.bincount(mask[ok] * n + pred[ok], minlength=n * n).view(n, n).double()   # rows: truth
+    inter = cm.diag()
+    return inter / (cm.sum(0) + cm.sum(1) - inter)
+
+def pseudo_from_cam(cams:torch.Tensor, # (B, C, H, W) CAMs in [0, 1], zero for absent classes
+                    threshold:float=0.5, # background where the largest CAM is below this
+                   ) -> torch.Tensor:
+    "Pseudo label M_p (B, H, W) long: 0 background, c + 1 for class c."
+    return torch.cat([torch.full_like(cams[:, :1], threshold), cams], 1).argmax(1)
+
+# %% ../nbs/07b_toyclip.ipynb #b5816692
+@torch.no_grad()
+def zero_shot_scores(fc:FrozenCLIP, images:torch.Tensor, fg_text:torch.Tensor, batch:int=32) -> torch.Tensor:
+    "Cosines (N, C) of the pooled image embeddings with the class text features."
+    f = torch.cat([fc(x, grad_last=False)['pooled'] for x in images.split(batch)])
+    return F.normalize(f.float(), dim=-1) @ fg_text.T.to(f.device)
+
+def cam_pseudo_labels(fc:FrozenCLIP, images:torch.Tensor, labels:torch.Tensor, fg_text:torch.Tensor,
+                      bg_text:torch.Tensor, threshold:float=0.5, batch:int=16) -> tuple[torch.Tensor, torch.Tensor]:
+    "Initial CAM M_init (N, C, h, w) through `initial_cam`, and its thresholded pseudo label M_p (N, H, W)."
+    cams, mp = [], []
+    for x, y in zip(images.split(batch), labels.split(batch)):
+        m = initial_cam(fc(x), y, fg_text, bg_text, fc.clip.logit_scale.exp().detach())
+        cams.append(m)
+        mp.append(pseudo_from_cam(F.interpolate(m, size=x.shape[-2:], mode='bilinear', align_corners=False), threshold))
+    return torch.cat(cams), torch.cat(mp)
+
+# %% ../nbs/07b_toyclip.ipynb #efb7aa92
+def measure_tiny_clip(clip:nn.Module, # a tiny CLIP (e.g. `load_tiny_clip()`)
+                      n_val:int=400, size:int=160, seed:int=0, preset:str='default',
+                      templates:tuple=(TRAIN_TEMPLATE, 'a clean origami {}.'), # prompt templates to compare
+                      threshold:float=0.5, batch:int=16) -> dict:
+    "Zero-shot mAP and initial-CAM IoU on toy val (with and without the background set, and + background score and PAR), and two trivial baselines."
+    imgs, _, labels, masks = render_scenes(n_val, seed, preset, size, 'val')
+    x, y, gt = to_input(imgs), torch.from_numpy(labels), torch.from_numpy(masks).long()
+    fc, tok, n = FrozenCLIP(clip, TINY_CLIP), open_clip.get_tokenizer(TINY_CLIP), len(SHAPES) + 1
+    names = ('background',) + SHAPES
+    res = dict(n_val=n_val, size=size, seed=seed, preset=preset, threshold=threshold, results={})
+    iou = lambda p: dict(zip(names, iou_per_class(p, gt, n).tolist()))
+    for tpl in templates:
+        fg, bg = text_features(clip, tok, SHAPES, (tpl,)), text_features(clip, tok, TEXTURES, (tpl,))
+        ap = average_precision(zero_shot_scores(fc, x, fg, batch), y)
+        r = dict(mAP=ap.nanmean().item(), AP=dict(zip(SHAPES, ap.tolist())))
+        for key, b in (('with_bg', bg), ('without_bg', bg[:0])):
+            cams, mp = cam_pseudo_labels(fc, x, y, fg, b, threshold, batch)
+            r[key] = iou(mp)
+            if key == 'with_bg':   # WeCLIP's own labelling of a CAM: background score (1 - max) and PAR
+                r['with_bg_par'] = iou(torch.cat([pseudo_labels(xb, cb, yb) for xb, cb, yb in
+                                                  zip(x.split(batch), cams.split(batch), y.split(batch))]))
+        res['results'][tpl] = r
+    res['baselines'] = {'all background': iou(torch.zeros_like(gt)),
+                        'label-aware uniform': iou(pseudo_from_cam(y[..., None, None].expand(-1, -1, size, size)))}
+    return res
+
+# %% ../nbs/07b_toyclip.ipynb #93d1b553
+def miou(ious:dict) -> float:
+    "Mean of the per-class IoUs of `measure_tiny_clip` (nan classes skipped)."
+    v = [x for x in ious.values() if x == x]
+    return sum(v) / len(v)
+
+# %% ../nbs/07b_toyclip.ipynb #ba2469a4
+def knob_study(clip:nn.Module, # a tiny CLIP
+               n_val:int=100, seed:int=0, threshold:float=0.5, batch:int=16) -> dict:
+    "Zero-shot mAP and initial-CAM mIoU on val scenes of 'easy', of 'easy' plus each knob of 'default' alone, and of 'default'."
+    easy, default = PRESETS['easy'], PRESETS['default']
+    groups = (('colour_noise',), ('colour_jitter',), ('textured',), ('thin_parts',), ('clutter',), ('cooccurrence',),
+              ('count_probs', 'scale'), ('body', 'body_part', 'body_tint'))   # a knob and the fields it needs
+    knobs = {g: {k: getattr(default, k) for k in g} for g in groups if any(getattr(default, k) != getattr(easy, k) for k in g)}
+    worlds = {'easy': easy, **{'easy + ' + ', '.join(f'{k}={v}' for k, v in ch.items() if v != getattr(easy, k)):
+                               toy_config(easy, **ch) for ch in knobs.values()}, 'default': default}
+    fc, tok, n = FrozenCLIP(clip, TINY_CLIP), open_clip.get_tokenizer(TINY_CLIP), len(SHAPES) + 1
+    fg, bg = text_features(clip, tok, SHAPES, (TRAIN_TEMPLATE,)), text_features(clip, tok, TEXTURES, (TRAIN_TEMPLATE,))
+    out = {}
+    for name, cfg in worlds.items():
+        imgs, _, labels, masks = render_scenes(n_val, seed, cfg, 160, 'val')
+        x, y = to_input(imgs), torch.from_numpy(labels)
+        mp = cam_pseudo_labels(fc, x, y, fg, bg, threshold, batch)[1]
+        out[name] = dict(mAP=average_precision(zero_shot_scores(fc, x, fg, batch), y).nanmean().item(),
+                         cam_miou=miou(dict(enumerate(iou_per_class(mp, torch.from_numpy(masks).long(), n).tolist()))))
+    return out
+
+# %% ../nbs/07b_toyclip.ipynb #140e5b81
+def show_toy_cams(images:np.ndarray, # (B, H, W, 3) uint8
+                  masks:np.ndarray, # (B, H, W) true masks
+                  cams:torch.Tensor, # (B, C, h, w) M_init
+                  pseudo:torch.Tensor, # (B, H, W) M_p
+                  names:tuple=SHAPES):
+    "One row per scene: image, true mask, each labelled class's CAM over the image, pseudo label; a CAM colorbar and a legend of the mask colours below."
+    import matplotlib.pyplot as plt  # optional dependency: only for pictures
+    from matplotlib.patches import Patch
+    pal = np.array(palette_for(('background', *names)), np.uint8).reshape(-1, 3)
+    k = max(1, int((cams.flatten(2).amax(-1) > 0).sum(1).max()))
+    B, (H, W) = len(images), images.shape[1:3]
+    fig, axs = plt.subplots(B, 3 + k, figsize=(1.9 * (3 + k), 1.9 * B), squeeze=False)
+    im = None
+    for b in range(B):
+        axs[b, 0].imshow(images[b]); axs[b, 1].imshow(pal[masks[b]]); axs[b, -1].imshow(pal[pseudo[b].numpy()])
+        present = [c for c in range(cams.shape[1]) if cams[b, c].max() > 0]
+        for j, c in enumerate(present):
+            axs[b, 2 + j].imshow(images[b])
+            im = axs[b, 2 + j].imshow(cams[b, c].float(), cmap='jet', alpha=0.5, extent=(0, W, H, 0), vmin=0, vmax=1)
+            axs[b, 2 + j].set_title(names[c], fontsize=8)
+        if b == 0: axs[b, 0].set_title('image', fontsize=8); axs[b, 1].set_title('true mask', fontsize=8)
+        axs[b, -1].set_title('pseudo label', fontsize=8)
+    for ax in axs.flat: ax.axis('off')
+    fig.tight_layout(rect=(0, 0.6 / B, 1, 1))
+    if im is not None: fig.colorbar(im, cax=fig.add_axes((0.05, 0.32 / B, 0.3, 0.07 / B)), orientation='horizontal', label='CAM $M_{init}$')
+    shown = sorted(set(np.unique(masks).tolist()) | set(np.unique(pseudo.numpy()).tolist()))
+    fig.legend(handles=[Patch(color=pal[c] / 255, label=(('background',) + tuple(names))[c]) for c in shown if c < len(names) + 1],
+               loc='lower right', bbox_to_anchor=(0.98, 0), ncol=min(5, len(shown)), fontsize=8, title='mask colours', title_fontsize=8)
+    return fig
+
 # %% ../nbs/07b_toyclip.ipynb #7f71adb8
 def train_tiny_clip(steps:int=800, # optimiser steps
                     out:str|Path='weclip-tiny.pt', # final fp16 state dict
@@ -302,150 +453,6 @@ def main(argv=None):
     except (ValueError, OSError) as e: sys.exit(f'error: {e}')
     print(f"wrote {a.out}: {s['steps']} steps, render {s['render_s']} s, train {s['train_s']} s, "
           f"final terms {', '.join(f'{k} {v:.3f}' for k, v in s['final_terms'].items())}")
-
-# %% ../nbs/07b_toyclip.ipynb #9759ba17
-def load_tiny_clip(device:str|torch.device='cpu',
-                   weights:str|Path|None=None, # a state dict written by `train_tiny_clip`; None: the shipped one
-                  ) -> nn.Module:
-    "The trained tiny CLIP ('weclip-tiny') in eval mode on `device`."
-    path = Path(weights).expanduser() if weights is not None else TINY_CLIP_WEIGHTS
-    fix = ("pass a file written by `python -m weclip.toyclip --train --out PATH`, or no weights for the shipped "
-           "ones; other CLIPs load with weclip.backbone.load_clip(name, weights)")
-    if not path.is_file():
-        raise ToyClipError(f'no tiny-CLIP weights at {path}: ' + (fix if weights is not None else
-                           'the package should ship them; reinstall weclip, or train them with '
-                           '`python -m weclip.toyclip --train --out weclip/assets/weclip-tiny.pt`'))
-    try: sd = read_clip_weights(path)
-    except BackboneError as e: raise ToyClipError(f'{path} is not a tiny-CLIP checkpoint: {e}') from None
-    model = load_clip(TINY_CLIP, None)
-    want = model.state_dict()
-    bad = ([f'missing {k}' for k in want if k not in sd] + [f'unexpected {k}' for k in sd if k not in want] +
-           [f'{k} is {tuple(sd[k].shape)}, not {tuple(v.shape)}' for k, v in want.items()
-            if k in sd and sd[k].shape != v.shape])
-    if bad: raise ToyClipError(f'{path} is not a tiny-CLIP checkpoint ({len(bad)} problems, first: {bad[0]}); {fix}.')
-    model.load_state_dict(sd)
-    return model.to(device).eval()
-
-# %% ../nbs/07b_toyclip.ipynb #4ac3f05d
-def average_precision(scores:torch.Tensor, # (N, C) scores
-                      targets:torch.Tensor, # (N, C) 0/1
-                     ) -> torch.Tensor:
-    "Per-class average precision (C,): mean over positives of the precision at their rank; nan for a class with none."
-    order = scores.argsort(0, descending=True)
-    t = targets.float().gather(0, order)
-    prec = t.cumsum(0) / torch.arange(1, len(t) + 1, device=t.device)[:, None]
-    return (prec * t).sum(0) / t.sum(0)
-
-def iou_per_class(pred:torch.Tensor, # (N, H, W) long predictions, 0 background
-                  mask:torch.Tensor, # (N, H, W) long ground truth, 255 ignored
-                  n:int, # classes including background
-                 ) -> torch.Tensor:
-    "IoU of each of the n classes (n,) over all pixels; nan for a class in neither."
-    ok = mask != 255
-    cm = torch.bincount(mask[ok] * n + pred[ok], minlength=n * n).view(n, n).double()   # rows: truth
-    inter = cm.diag()
-    return inter / (cm.sum(0) + cm.sum(1) - inter)
-
-def pseudo_from_cam(cams:torch.Tensor, # (B, C, H, W) CAMs in [0, 1], zero for absent classes
-                    threshold:float=0.5, # background where the largest CAM is below this
-                   ) -> torch.Tensor:
-    "Pseudo label M_p (B, H, W) long: 0 background, c + 1 for class c."
-    return torch.cat([torch.full_like(cams[:, :1], threshold), cams], 1).argmax(1)
-
-# %% ../nbs/07b_toyclip.ipynb #b5816692
-@torch.no_grad()
-def zero_shot_scores(fc:FrozenCLIP, images:torch.Tensor, fg_text:torch.Tensor, batch:int=32) -> torch.Tensor:
-    "Cosines (N, C) of the pooled image embeddings with the class text features."
-    f = torch.cat([fc(x, grad_last=False)['pooled'] for x in images.split(batch)])
-    return F.normalize(f.float(), dim=-1) @ fg_text.T.to(f.device)
-
-def cam_pseudo_labels(fc:FrozenCLIP, images:torch.Tensor, labels:torch.Tensor, fg_text:torch.Tensor,
-                      bg_text:torch.Tensor, threshold:float=0.5, batch:int=16) -> tuple[torch.Tensor, torch.Tensor]:
-    "Initial CAM M_init (N, C, h, w) through `initial_cam`, and its thresholded pseudo label M_p (N, H, W)."
-    cams, mp = [], []
-    for x, y in zip(images.split(batch), labels.split(batch)):
-        m = initial_cam(fc(x), y, fg_text, bg_text, fc.clip.logit_scale.exp().detach())
-        cams.append(m)
-        mp.append(pseudo_from_cam(F.interpolate(m, size=x.shape[-2:], mode='bilinear', align_corners=False), threshold))
-    return torch.cat(cams), torch.cat(mp)
-
-# %% ../nbs/07b_toyclip.ipynb #efb7aa92
-def measure_tiny_clip(clip:nn.Module, # a tiny CLIP (e.g. `load_tiny_clip()`)
-                      n_val:int=400, size:int=160, seed:int=0, preset:str='default',
-                      templates:tuple=(TRAIN_TEMPLATE, 'a clean origami {}.'), # prompt templates to compare
-                      threshold:float=0.5, batch:int=16) -> dict:
-    "Zero-shot mAP and initial-CAM IoU on toy val (with and without the background set, and + background score and PAR), and two trivial baselines."
-    imgs, _, labels, masks = render_scenes(n_val, seed, preset, size, 'val')
-    x, y, gt = to_input(imgs), torch.from_numpy(labels), torch.from_numpy(masks).long()
-    fc, tok, n = FrozenCLIP(clip, TINY_CLIP), open_clip.get_tokenizer(TINY_CLIP), len(SHAPES) + 1
-    names = ('background',) + SHAPES
-    res = dict(n_val=n_val, size=size, seed=seed, preset=preset, threshold=threshold, results={})
-    iou = lambda p: dict(zip(names, iou_per_class(p, gt, n).tolist()))
-    for tpl in templates:
-        fg, bg = text_features(clip, tok, SHAPES, (tpl,)), text_features(clip, tok, TEXTURES, (tpl,))
-        ap = average_precision(zero_shot_scores(fc, x, fg, batch), y)
-        r = dict(mAP=ap.nanmean().item(), AP=dict(zip(SHAPES, ap.tolist())))
-        for key, b in (('with_bg', bg), ('without_bg', bg[:0])):
-            cams, mp = cam_pseudo_labels(fc, x, y, fg, b, threshold, batch)
-            r[key] = iou(mp)
-            if key == 'with_bg':   # WeCLIP's own labelling of a CAM: background score (1 - max) and PAR
-                r['with_bg_par'] = iou(torch.cat([pseudo_labels(xb, cb, yb) for xb, cb, yb in
-                                                  zip(x.split(batch), cams.split(batch), y.split(batch))]))
-        res['results'][tpl] = r
-    res['baselines'] = {'all background': iou(torch.zeros_like(gt)),
-                        'label-aware uniform': iou(pseudo_from_cam(y[..., None, None].expand(-1, -1, size, size)))}
-    return res
-
-def miou(ious:dict) -> float:
-    "Mean of the per-class IoUs of `measure_tiny_clip` (nan classes skipped)."
-    v = [x for x in ious.values() if x == x]
-    return sum(v) / len(v)
-
-# %% ../nbs/07b_toyclip.ipynb #ba2469a4
-def knob_study(clip:nn.Module, # a tiny CLIP
-               n_val:int=100, seed:int=0, threshold:float=0.5, batch:int=16) -> dict:
-    "Zero-shot mAP and initial-CAM mIoU on val scenes of 'easy', of 'easy' plus each knob of 'default' alone, and of 'default'."
-    easy, default = PRESETS['easy'], PRESETS['default']
-    groups = (('colour_noise',), ('colour_jitter',), ('textured',), ('thin_parts',), ('clutter',), ('cooccurrence',),
-              ('count_probs', 'scale'), ('body', 'body_part', 'body_tint'))   # a knob and the fields it needs
-    knobs = {g: {k: getattr(default, k) for k in g} for g in groups if any(getattr(default, k) != getattr(easy, k) for k in g)}
-    worlds = {'easy': easy, **{'easy + ' + ', '.join(f'{k}={v}' for k, v in ch.items() if v != getattr(easy, k)):
-                               toy_config(easy, **ch) for ch in knobs.values()}, 'default': default}
-    fc, tok, n = FrozenCLIP(clip, TINY_CLIP), open_clip.get_tokenizer(TINY_CLIP), len(SHAPES) + 1
-    fg, bg = text_features(clip, tok, SHAPES, (TRAIN_TEMPLATE,)), text_features(clip, tok, TEXTURES, (TRAIN_TEMPLATE,))
-    out = {}
-    for name, cfg in worlds.items():
-        imgs, _, labels, masks = render_scenes(n_val, seed, cfg, 160, 'val')
-        x, y = to_input(imgs), torch.from_numpy(labels)
-        mp = cam_pseudo_labels(fc, x, y, fg, bg, threshold, batch)[1]
-        out[name] = dict(mAP=average_precision(zero_shot_scores(fc, x, fg, batch), y).nanmean().item(),
-                         cam_miou=miou(dict(enumerate(iou_per_class(mp, torch.from_numpy(masks).long(), n).tolist()))))
-    return out
-
-# %% ../nbs/07b_toyclip.ipynb #140e5b81
-def show_toy_cams(images:np.ndarray, # (B, H, W, 3) uint8
-                  masks:np.ndarray, # (B, H, W) true masks
-                  cams:torch.Tensor, # (B, C, h, w) M_init
-                  pseudo:torch.Tensor, # (B, H, W) M_p
-                  names:tuple=SHAPES):
-    "One row per scene: image, true mask, each labelled class's CAM over the image, pseudo label."
-    import matplotlib.pyplot as plt  # optional dependency: only for pictures
-    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
-    k = max(1, int((cams.flatten(2).amax(-1) > 0).sum(1).max()))
-    B, (H, W) = len(images), images.shape[1:3]
-    fig, axs = plt.subplots(B, 3 + k, figsize=(1.9 * (3 + k), 1.9 * B), squeeze=False)
-    for b in range(B):
-        axs[b, 0].imshow(images[b]); axs[b, 1].imshow(pal[masks[b]]); axs[b, -1].imshow(pal[pseudo[b].numpy()])
-        present = [c for c in range(cams.shape[1]) if cams[b, c].max() > 0]
-        for j, c in enumerate(present):
-            axs[b, 2 + j].imshow(images[b])
-            axs[b, 2 + j].imshow(cams[b, c].float(), cmap='jet', alpha=0.5, extent=(0, W, H, 0), vmin=0, vmax=1)
-            axs[b, 2 + j].set_title(names[c], fontsize=8)
-        if b == 0: axs[b, 0].set_title('image', fontsize=8); axs[b, 1].set_title('true mask', fontsize=8)
-        axs[b, -1].set_title('pseudo label', fontsize=8)
-    for ax in axs.flat: ax.axis('off')
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/07b_toyclip.ipynb #192b442f
 if __name__ == '__main__' and getattr(globals().get('__spec__'), 'name', None) == 'weclip.toyclip': main()

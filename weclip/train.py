@@ -26,8 +26,8 @@ from .evaluate import (val_miou, pseudo_subset, pseudo_quality, load_model, eval
 from .owndata import custom_datasets, custom_evaluate
 
 # %% auto #0
-__all__ = ['REPORT_COLUMNS', 'PASS_LABELS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress',
-           'RankFailed', 'Interrupted', 'LossWatch', 'train', 'report', 'main']
+__all__ = ['REPORT_COLUMNS', 'PASS_LABELS', 'lr_factor', 'IterationBatches', 'RunBatches', 'build_datasets', 'Progress', 'train',
+           'report', 'RankFailed', 'Interrupted', 'LossWatch', 'main']
 
 # %% ../nbs/11_train.ipynb #6b82c3c9
 def lr_factor(it: int, iters: int, warmup_iters: int = 50, warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
@@ -53,6 +53,7 @@ class IterationBatches(torch.utils.data.Sampler):
         for b in range(self.start, self.stop): yield o[b * B + self.rank * self.bs:b * B + (self.rank + 1) * self.bs].tolist()
     def __len__(self): return max(0, self.stop - self.start)
 
+# %% ../nbs/11_train.ipynb #f93ecb28
 class RunBatches(torch.utils.data.Sampler):
     "Batches of `(epoch, index)` for iterations `start`..`stop-1` across epochs, each epoch in `IterationBatches`' order."
     def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
@@ -81,6 +82,7 @@ def _toy_world(root: Path):
     except OSError:                                           # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
 
+# %% ../nbs/11_train.ipynb #4d032a04
 def build_datasets(cfg: TrainConfig):
     "The training split (official augmentation) and the validation split (full size, with masks) of `cfg.dataset`."
     if cfg.dataset == 'custom': return custom_datasets(cfg)     # a folder of your own (notebook 06b)
@@ -157,6 +159,78 @@ class _Logger:
     def close(self):
         self.f.close()
         if self.tb: self.tb.close()
+
+# %% ../nbs/11_train.ipynb #2f712e94
+def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
+    "Train WeCLIP as `cfg` says (resuming from `out_dir/last.pt` with `cfg.resume`), stopping early at `stop_at`."
+    rank, world, device = _distributed(cfg)                                             # configuration
+    cfg, main_proc, out = dataclasses.replace(cfg, device=str(device)), rank == 0, Path(cfg.out_dir)
+    cfg = dataclasses.replace(cfg, resume=_resume_or_start(cfg, out))
+    with _Run(cfg, main_proc, world, device) as run:
+        train_ds, val_ds = build_datasets(cfg)                                          # data
+        sub, why_not = pseudo_subset(cfg)                 # every rank scores its shard of it
+        if why_not and cfg.pseudo_images and main_proc: print(f"Pseudo-label quality is not measured: {why_not}.")
+        model, net = _build(cfg, train_ds.classes, rank, world, device, model)          # model
+        opt = model.optimizer(cfg.lr, cfg.decoder_lr_mult, cfg.weight_decay)               # optimizer (fused on a GPU)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
+                                                                            cfg.warmup_ratio, cfg.poly_power))
+        it, best = (_resume(out / 'last.pt', cfg, train_ds.classes, model, opt, sched, rank, world, device)   # resume
+                    if cfg.resume else (0, -1.0))
+        run.start(it)
+        amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.amp and device.type == 'cuda')
+        def checkpoint(name):                                                           # every rank, rank 0 writes
+            state = _state(it, best, model, opt, sched, cfg, train_ds.classes, device, world)
+            _guarded(lambda: main_proc and save_checkpoint(state, out / name), f'writing {name} at iteration {it}',
+                     world, device)                   # a failed write stops every rank, not rank 0 alone
+        watch, t0 = LossWatch(device, out, world), time.perf_counter()
+        for batch in _batches(_loader(train_ds, cfg, it, rank, world, device)):
+            model.train()                                                               # step
+            with amp: losses = net(batch, iteration=it)
+            watch.add(losses, it, batch)
+            opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step(); sched.step(); it += 1
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            if it % cfg.log_every == 0 or it == cfg.iters: watch.check(it)
+            run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
+            if it % cfg.eval_every == 0 or it == cfg.iters:                             # evaluate
+                watch.check(it)
+                score = _evaluate(model, val_ds, sub, cfg, it, device, run, rank, world)   # the same on every rank
+                if score > best: best = score; checkpoint('best.pt')
+            signum = run.signalled(it)                                                    # checkpoint
+            if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: watch.check(it); checkpoint('last.pt')
+            if signum: raise Interrupted(signum, it, out / 'last.pt')
+            if it == stop_at: break
+        return dict(run.last, iteration=it, best_miou=best)
+
+# %% ../nbs/11_train.ipynb #6e010290
+REPORT_COLUMNS = {'cam': 'initial CAM', 'pseudo': 'pseudo labels', 'seg': 'segmentation', 'seg+crf': 'seg + CRF'}
+PASS_LABELS = {'cam': 'initial CAM', 'static': 'static pseudo labels (RFM off)', 'pseudo': 'RFM pseudo labels',
+               'seg': 'segmentation'}   # the report's passes, as their progress lines name them
+
+def report(out_dir, # a run's folder: its final model (last.pt) is measured
+           max_images: int = 0, # first N val images (0: all)
+           device: str | None = None, progress: bool = True) -> dict:
+    "Measure a finished run on its val split: initial-CAM labels, static and RFM pseudo labels (+PAR), segmentation (multi-scale + flip) and + CRF; write OUT/results.json."
+    out = Path(out_dir)
+    ckpt = out / 'last.pt'   # the final model, as the official code evaluates (best.pt was picked on this very split)
+    model, cfg, names = load_model(ckpt, device=device)
+    val = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, cfg.val_split, transform=EvalTransform(norm=cfg.norm),
+                                                   with_masks=True)
+    res, t0 = {}, time.perf_counter()
+    # 'static': the pseudo labels with RFM off (frozen CLIP only); a --no-rfm run has no other pseudo labels
+    for source in ('cam', 'static') + (('pseudo',) if cfg.rfm else ()) + ('seg',):
+        model.rfm = cfg.rfm and source != 'static'
+        label = f"evaluate {PASS_LABELS[source] + (' + CRF' if source == 'seg' and crf_available() else '')}"
+        try: ev = evaluate_dataset(model, val, names, 'pseudo' if source == 'static' else source, crf=source == 'seg' and crf_available(),
+                                   long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm,
+                                   progress=progress and label)
+        finally: model.rfm = cfg.rfm
+        res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
+    doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
+               supervision=cfg.supervision, rfm=cfg.rfm, miou={k: v['miou'] for k, v in res.items()}, results=res)
+    write_text(out / 'results.json', json.dumps(doc, indent=1), 'Free disk space, then measure again with '
+               f'python -m weclip.evaluate --checkpoint {ckpt} --out {out / "eval"}.')
+    doc['table'] = iou_table(res)
+    return doc
 
 # %% ../nbs/11_train.ipynb #81d20faf
 def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -277,6 +351,7 @@ def _state(it, best, model, opt, sched, cfg, classes, device, world) -> dict:
     return dict(iteration=it, best=best, model=model.trainable_state_dict(), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), rng=rngs, config=asdict(cfg), classes=list(classes))
 
+# %% ../nbs/11_train.ipynb #224438ba
 def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) -> tuple[int, float]:
     "Load `path` into the model, optimizer, scheduler and RNGs; the iteration and best mIoU it was written at."
     state = load_checkpoint(path, missing='Start without --resume (or use --resume auto), or point --out-dir at the run '
@@ -310,6 +385,7 @@ def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) ->
     if rank == 0: print(f"Resuming {path.parent} at iteration {state['iteration']} (best mIoU so far {state['best']:.4f}).")
     return state['iteration'], state['best']
 
+# %% ../nbs/11_train.ipynb #0875f70e
 def _evaluate(model, val_ds, sub, cfg, it, device, run, rank: int = 0, world: int = 1) -> float:
     "Every rank its shard, the counts summed: val mIoU and the train labels' quality, logged and printed; the val mIoU."
     model.eval()
@@ -336,6 +412,7 @@ def _evaluate(model, val_ds, sub, cfg, it, device, run, rank: int = 0, world: in
                            f"{pq['pseudo_miou']:.4f} on {len(sub)} images")
     return ev['miou']
 
+# %% ../nbs/11_train.ipynb #d82dd4a8
 def _seed(seed: int):
     "Seed torch, random and numpy."
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
@@ -357,6 +434,7 @@ def _build(cfg, classes, rank, world, device, model=None):
                else 'broadcast_buffers')                            # synced each step (torch >= 2.14 names it so)
     return model, DDP(model, device_ids=None, **{no_sync: False})
 
+# %% ../nbs/11_train.ipynb #bee6ed1f
 def _loader(train_ds, cfg, it, rank, world, device):
     "One DataLoader for iterations `it`..`iters-1`: its workers live for the whole run; pinned memory on CUDA."
     batches = RunBatches(len(train_ds), cfg.batch_size, cfg.seed, it, cfg.iters, rank, world)
@@ -373,6 +451,7 @@ def _batches(loader):
     finally:
         if hasattr(it, '_shutdown_workers'): it._shutdown_workers()   # torch's own way (what its __del__ calls)
 
+# %% ../nbs/11_train.ipynb #4ba08719
 class LossWatch:
     """Stops training at a non-finite loss before it reaches a checkpoint. On the CPU each step's loss is read at once
     (free). On a GPU reading it would make the host wait for the step every iteration, so a flag on the device collects
@@ -405,78 +484,7 @@ class LossWatch:
                                      f"GPU); {self._done()}. To go on: {diverged_advice(self.out)}.")
         self.since = None
 
-# %% ../nbs/11_train.ipynb #2f712e94
-def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
-    "Train WeCLIP as `cfg` says (resuming from `out_dir/last.pt` with `cfg.resume`), stopping early at `stop_at`."
-    rank, world, device = _distributed(cfg)                                             # configuration
-    cfg, main_proc, out = dataclasses.replace(cfg, device=str(device)), rank == 0, Path(cfg.out_dir)
-    cfg = dataclasses.replace(cfg, resume=_resume_or_start(cfg, out))
-    with _Run(cfg, main_proc, world, device) as run:
-        train_ds, val_ds = build_datasets(cfg)                                          # data
-        sub, why_not = pseudo_subset(cfg)                 # every rank scores its shard of it
-        if why_not and cfg.pseudo_images and main_proc: print(f"Pseudo-label quality is not measured: {why_not}.")
-        model, net = _build(cfg, train_ds.classes, rank, world, device, model)          # model
-        opt = model.optimizer(cfg.lr, cfg.decoder_lr_mult, cfg.weight_decay)               # optimizer (fused on a GPU)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
-                                                                            cfg.warmup_ratio, cfg.poly_power))
-        it, best = (_resume(out / 'last.pt', cfg, train_ds.classes, model, opt, sched, rank, world, device)   # resume
-                    if cfg.resume else (0, -1.0))
-        run.start(it)
-        amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.amp and device.type == 'cuda')
-        def checkpoint(name):                                                           # every rank, rank 0 writes
-            state = _state(it, best, model, opt, sched, cfg, train_ds.classes, device, world)
-            _guarded(lambda: main_proc and save_checkpoint(state, out / name), f'writing {name} at iteration {it}',
-                     world, device)                   # a failed write stops every rank, not rank 0 alone
-        watch, t0 = LossWatch(device, out, world), time.perf_counter()
-        for batch in _batches(_loader(train_ds, cfg, it, rank, world, device)):
-            model.train()                                                               # step
-            with amp: losses = net(batch, iteration=it)
-            watch.add(losses, it, batch)
-            opt.zero_grad(set_to_none=True); losses['total'].backward(); opt.step(); sched.step(); it += 1
-            dt, t0 = time.perf_counter() - t0, time.perf_counter()
-            if it % cfg.log_every == 0 or it == cfg.iters: watch.check(it)
-            run.step(it, losses, opt.param_groups[-1]['lr'], cfg.batch_size * world, dt)   # log
-            if it % cfg.eval_every == 0 or it == cfg.iters:                             # evaluate
-                watch.check(it)
-                score = _evaluate(model, val_ds, sub, cfg, it, device, run, rank, world)   # the same on every rank
-                if score > best: best = score; checkpoint('best.pt')
-            signum = run.signalled(it)                                                    # checkpoint
-            if it % cfg.ckpt_every == 0 or it == cfg.iters or it == stop_at or signum: watch.check(it); checkpoint('last.pt')
-            if signum: raise Interrupted(signum, it, out / 'last.pt')
-            if it == stop_at: break
-        return dict(run.last, iteration=it, best_miou=best)
-
-# %% ../nbs/11_train.ipynb #6e010290
-REPORT_COLUMNS = {'cam': 'initial CAM', 'pseudo': 'pseudo labels', 'seg': 'segmentation', 'seg+crf': 'seg + CRF'}
-PASS_LABELS = {'cam': 'initial CAM', 'static': 'static pseudo labels (RFM off)', 'pseudo': 'RFM pseudo labels',
-               'seg': 'segmentation'}   # the report's passes, as their progress lines name them
-
-def report(out_dir, # a run's folder: its final model (last.pt) is measured
-           max_images: int = 0, # first N val images (0: all)
-           device: str | None = None, progress: bool = True) -> dict:
-    "Measure a finished run on its val split: initial-CAM labels, static and RFM pseudo labels (+PAR), segmentation (multi-scale + flip) and + CRF; write OUT/results.json."
-    out = Path(out_dir)
-    ckpt = out / 'last.pt'   # the final model, as the official code evaluates (best.pt was picked on this very split)
-    model, cfg, names = load_model(ckpt, device=device)
-    val = (COCO if cfg.dataset == 'coco' else VOC)(cfg.data_root, cfg.val_split, transform=EvalTransform(norm=cfg.norm),
-                                                   with_masks=True)
-    res, t0 = {}, time.perf_counter()
-    # 'static': the pseudo labels with RFM off (frozen CLIP only); a --no-rfm run has no other pseudo labels
-    for source in ('cam', 'static') + (('pseudo',) if cfg.rfm else ()) + ('seg',):
-        model.rfm = cfg.rfm and source != 'static'
-        label = f"evaluate {PASS_LABELS[source] + (' + CRF' if source == 'seg' and crf_available() else '')}"
-        try: ev = evaluate_dataset(model, val, names, 'pseudo' if source == 'static' else source, crf=source == 'seg' and crf_available(),
-                                   long_side=default_long_side(cfg.dataset), max_images=max_images, norm=cfg.norm,
-                                   progress=progress and label)
-        finally: model.rfm = cfg.rfm
-        res.update({'static pseudo labels' if source == 'static' else REPORT_COLUMNS[k]: v for k, v in ev['results'].items()})
-    doc = dict(checkpoint=str(ckpt), split=cfg.val_split, images=ev['images'], seconds=time.perf_counter() - t0,
-               supervision=cfg.supervision, rfm=cfg.rfm, miou={k: v['miou'] for k, v in res.items()}, results=res)
-    write_text(out / 'results.json', json.dumps(doc, indent=1), 'Free disk space, then measure again with '
-               f'python -m weclip.evaluate --checkpoint {ckpt} --out {out / "eval"}.')
-    doc['table'] = iou_table(res)
-    return doc
-
+# %% ../nbs/11_train.ipynb #ebcdf0e2
 def main(argv=None):
     "Command line of `python -m weclip.train`."
     try:
