@@ -489,9 +489,9 @@ def main(argv=None):
     "Command line of `python -m weclip.train`."
     try:
         cfg = parse_config(argv)
-        r = train(cfg)
-        print(json.dumps(r))
-        if cfg.report and int(os.environ.get('RANK', 0)) == 0:
+        r, first = train(cfg), int(os.environ.get('RANK', 0)) == 0
+        if first: print(json.dumps(r))                    # one summary line, not one per DDP process interleaved
+        if cfg.report and first:
             doc = report(cfg.out_dir, device=cfg.device)
             print(f"\nResults on {cfg.dataset} {doc['split']} ({doc['images']} images, multi-scale + flip):\n{doc['table']}")
             if not crf_available(): print(f'(no seg + CRF column: DenseCRF is not installed; {CRF_INSTALL})')
