@@ -13,7 +13,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 from tqdm.auto import tqdm
 from .data import (IGNORE, MIN_SIDE, VOC, COCO, COCO_CATEGORIES, EvalTransform, DatasetError, collate, read_label_file,
-                         write_mask, denormalize, one_line, write_text)
+                         write_mask, palette_for, denormalize, one_line, write_text)
 from .prompts import VOC_CLASSES
 from .toy import SHAPES
 from .cam import initial_cam
@@ -310,7 +310,7 @@ def evaluate_dataset(model, # a `WeCLIP` (put in eval mode here)
         preds = {k: torch.from_numpy(v.result()) if isinstance(v, Future) else v for k, v in preds.items()}
         if not test:
             for k, p in preds.items(): confs[k] = confs.get(k, 0) + confusion(p.long(), s['mask'], K)
-        if save is not None: write_mask(save / f"{s['name']}.png", list(preds.values())[-1].numpy())
+        if save is not None: write_mask(save / f"{s['name']}.png", list(preds.values())[-1].numpy(), palette=palette_for(names))
     t0 = time.perf_counter()
     with CRFPool(crf_workers if crf and n > 1 else 1) as pool:
         jobs = ((s, predict_sample(model, s, source, scales, flip, crf, long_side, norm, pool if crf else None))

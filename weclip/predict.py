@@ -108,7 +108,7 @@ def write_prediction(p, rgb, mask, mask_path, overlay_path, names=None) -> dict:
     "Write one image's palette mask and overlay; `mask` may be a `Future` (the CRF's labels still computing in a worker)."
     mask = mask.result() if isinstance(mask, Future) else mask
     fix = 'Free disk space, or choose another --out.'
-    write_mask(mask_path, mask, fix)
+    write_mask(mask_path, mask, fix, palette_for(names or ()))   # the toy shapes' colours for a toy model, else VOC's
     pic = Image.fromarray(overlay(rgb, mask, names=names))
     atomic_write(overlay_path, lambda f: pic.save(f, format='JPEG', quality=90), fix)
     return dict(image=str(p), mask=str(mask_path), overlay=str(overlay_path), size=rgb.shape[:2],
