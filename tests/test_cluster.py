@@ -27,10 +27,14 @@ def test_ddp_evaluation_is_sharded_and_exact(toy, tmp_path):
     rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
     val = next(x for x in rows if 'val_miou' in x); pq = next(x for x in rows if 'pseudo_miou' in x)
     model, cfg, _ = load_model(out / 'last.pt', device='cpu')      # the model both ranks evaluated, in one process
-    one = val_miou(model, build_datasets(cfg)[1], cfg.eval_images)
-    sub, _ = pseudo_subset(cfg)
-    assert len(sub) == 3                                                # shards of 2 and 1 images
-    one_pq = pseudo_quality(model, sub, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)             # as the torchrun processes run (OMP_NUM_THREADS=1): other thread counts round differently
+    try:
+        one = val_miou(model, build_datasets(cfg)[1], cfg.eval_images)
+        sub, _ = pseudo_subset(cfg)
+        assert len(sub) == 3                                            # shards of 2 and 1 images
+        one_pq = pseudo_quality(model, sub, 2)
+    finally: torch.set_num_threads(threads)
     assert (val['val_miou'], val['val_iou'][:1]) == (one['miou'], one['iou'][:1])
     assert (pq['cam_miou'], pq['pseudo_miou']) == (one_pq['cam_miou'], one_pq['pseudo_miou'])
     assert r.stdout.count('val mIoU') == 1                             # printed by rank 0 only
