@@ -14,7 +14,7 @@ from .data import IGNORE  # 255: the value no loss or metric looks at
 # %% auto #0
 __all__ = ['SWITCH_ON', 'SWITCH_ON_EFFECTIVE', 'PAR_DILATIONS', 'PAR_GATHERED', 'PAR_THREADS', 'layer_difference', 'layer_filter',
            'refining_map', 'warmup_map', 'sinkhorn', 'transition', 'refine_cam', 'refine_cam_reference', 'par_affinity',
-           'image_threads', 'par', 'par_reference', 'par_official', 'pseudo_labels', 'pseudo_labels_reference']
+           'image_threads', 'par', 'par_reference', 'pseudo_labels', 'pseudo_labels_reference', 'par_official']
 
 # %% ../nbs/04_rfm.ipynb #125705ba
 SWITCH_ON = 15_000           # official: RFM replaces the plain attention mean after this many steps
@@ -30,6 +30,7 @@ def _check_labels(labels, B, C, what):
         raise ValueError("labels must be multi-hot (0/1 or bool) over the C foreground classes; found other values. "
                          "Convert class indices with F.one_hot(idx, C).amax(0) or similar.")
 
+# %% ../nbs/04_rfm.ipynb #0acf594a
 def _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers):
     "Raise a ValueError naming the offending tensor unless the RFM inputs fit together."
     if not torch.is_tensor(M_init) or M_init.ndim != 4:
@@ -119,12 +120,21 @@ def transition(R: torch.Tensor,  # (B, n, n) refining map
     T = (Rn + Rn.transpose(-2, -1)) / 2
     return torch.linalg.matrix_power(T, alpha) if power == 'matrix' else T ** alpha
 
-# %% ../nbs/04_rfm.ipynb #a3495b4a
+# %% ../nbs/04_rfm.ipynb #c249d546
 def _minmax(x: torch.Tensor) -> torch.Tensor:
     "Min-max normalise (B, C, h, w) per map, as the official code does (eps 1e-7)."
     x = x - x.amin((-2, -1), keepdim=True)
     return x / (x.amax((-2, -1), keepdim=True) + 1e-7)
 
+def _spread_official(T, M_init, labels, boxes):
+    "M_f before normalising, one masked matrix-vector product per image and class: a batched product rounds differently."
+    B, C, h, w = M_init.shape
+    M_f = M_init.new_zeros(B, C, h, w, dtype=torch.float32)
+    for b, c in labels.bool().nonzero().tolist():
+        M_f[b, c] = ((T[b] * boxes[b, c].flatten().float()[None]) @ M_init[b, c].float().flatten()[:, None]).view(h, w)
+    return M_f
+
+# %% ../nbs/04_rfm.ipynb #a3495b4a
 @torch.no_grad()
 def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch grid, in [0, 1]
                labels: torch.Tensor,  # (B, C) multi-hot image labels (no background)
@@ -144,19 +154,14 @@ def refine_cam(M_init: torch.Tensor,  # (B, C, h, w) initial CAMs on the patch g
               ) -> torch.Tensor:  # M_f, (B, C, h, w) in [0, 1]
     "M_f: the initial CAM propagated by RFM's transition matrix inside each class's boxes, min-max normalised."
     _check_rfm(M_init, labels, attn, A_f, boxes, n_layers, n_warmup_layers)
-    B, C, h, w = M_init.shape
     if numerics not in ('clean', 'official'): raise ValueError(f"numerics must be 'clean' or 'official', got {numerics!r}.")
     if iteration is None or iteration > switch_on: R = refining_map(A_f, attn, n_layers, abs_diff, strict, numerics)
     else: R = warmup_map(attn, n_warmup_layers)
     T = transition(R, n_rounds, alpha, power)                              # (B, hw, hw), once per image
     present = labels.bool().to(M_init.device, non_blocking=True)[:, :, None, None]
-    if numerics == 'official':  # one masked matrix-vector product per image and class: a batched product rounds differently
-        M_f = M_init.new_zeros(B, C, h, w, dtype=torch.float32)
-        for b, c in labels.bool().nonzero().tolist():
-            M_f[b, c] = ((T[b] * boxes[b, c].flatten().float()[None]) @ M_init[b, c].float().flatten()[:, None]).view(h, w)
-        return _minmax(M_f) * present
+    if numerics == 'official': return _minmax(_spread_official(T, M_init, labels, boxes)) * present
     src = (M_init.float() * boxes * present).flatten(2)                    # (B, C, hw)
-    M_f = torch.bmm(src, T.transpose(1, 2)).view(B, C, h, w)             # M_f[c, i] = sum_j T[i, j] src[c, j]
+    M_f = torch.bmm(src, T.transpose(1, 2)).view(M_init.shape)           # M_f[c, i] = sum_j T[i, j] src[c, j]
     return _minmax(M_f) * present
 
 # %% ../nbs/04_rfm.ipynb #88c4b635
@@ -182,10 +187,9 @@ def refine_cam_reference(M_init, labels, attn, A_f, boxes, iteration=None, switc
         T = (R + R.T) / 2
         T_pow = T
         for _ in range(alpha - 1): T_pow = T_pow @ T                # the matrix power α, one product at a time
-        T = T_pow
         for c in range(C):
             if not labels[b, c]: continue
-            T_c = T * boxes[b, c].flatten().float()[None, :]        # zero the columns outside the boxes
+            T_c = T_pow * boxes[b, c].flatten().float()[None, :]        # zero the columns outside the boxes
             m = T_c @ M_init[b, c].flatten()
             m = m - m.min()
             out[b, c] = (m / (m.max() + 1e-7)).view(h, w)
@@ -207,6 +211,7 @@ def _shifted(x: torch.Tensor, p: int):
     xp = F.pad(x, [p] * 4, mode='replicate')
     return lambda dy, dx: xp[..., p+dy:p+dy+H, p+dx:p+dx+W]
 
+# %% ../nbs/04_rfm.ipynb #660c5b5a
 def par_affinity(image: torch.Tensor,  # (B, 3, H, W) normalised image
                  dilations=PAR_DILATIONS,  # neighbour rings
                  w1: float = 0.3,  # colour and position temperature
@@ -226,17 +231,12 @@ def par_affinity(image: torch.Tensor,  # (B, 3, H, W) normalised image
         k = img.new_empty(B, J, H, W)
         for j, (dy, dx, _) in enumerate(offs):
             torch.sum((nb(dy, dx) - img) ** 2 * inv, 1, out=k[:, j])        # -kappa_rgb for neighbour j
-    else:                                                 # the same sums, 8 neighbours (one ring) per kernel
-        f = img.flatten(2)
-        ring = lambda j: _gather_ring(f, idx, j)                                   # (B, 3, 8, HW)
-        mean = sum(ring(j).sum(2) for j in range(0, J, 8)) / J
-        var = sum(((ring(j) - mean[:, :, None]) ** 2).sum(2) for j in range(0, J, 8)) / (J - 1)
-        inv = (1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch))[:, :, None]
-        k = torch.cat([((ring(j) - f[:, :, None]) ** 2 * inv).sum(1) for j in range(0, J, 8)], 1).view(B, J, H, W)
+    else: k = _kappa_gathered(img, idx, w1)                # the same sums, one ring per kernel (the appendix)
     dist = torch.tensor([o[2] for o in offs]).to(image.device, non_blocking=True)   # no wait for the GPU
     pos = (-(dist / (dist.std() + 1e-8) / w1) ** 2).softmax(0)
     return k.neg_().softmax(1).add_(w2 * pos[None, :, None, None])
 
+# %% ../nbs/04_rfm.ipynb #8538c3af
 def _propagate(x: torch.Tensor, a: torch.Tensor, offs, band: int) -> torch.Tensor:
     "One PAR step: out_i = sum_j a_ij x_j over the offsets, computed band of rows by band of rows."
     nb = _shifted(x, _reach(offs))
@@ -247,23 +247,7 @@ def _propagate(x: torch.Tensor, a: torch.Tensor, offs, band: int) -> torch.Tenso
             o.addcmul_(nb(dy, dx)[..., r:r+band, :], a[:, j:j+1, r:r+band])
     return out
 
-def _neighbour_index(H: int, W: int, offs, device) -> torch.Tensor:
-    "(J, H*W) flat index of every pixel's neighbour j, coordinates clamped to the image (replicate padding)."
-    ys, xs = torch.arange(H, device=device)[:, None], torch.arange(W, device=device)[None, :]
-    return torch.stack([((ys + dy).clamp(0, H - 1) * W + (xs + dx).clamp(0, W - 1)).flatten() for dy, dx, _ in offs])
-
-def _gather_ring(xf: torch.Tensor, idx: torch.Tensor, j: int, group: int = 8) -> torch.Tensor:
-    "Neighbours j..j+group-1 of every pixel of xf (B, C, HW) in one gather: (B, C, group, HW)."
-    return xf[:, :, idx[j:j + group].flatten()].view(*xf.shape[:2], -1, xf.shape[-1])
-
-def _propagate_gathered(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, group: int = 8) -> torch.Tensor:
-    "One PAR step as a few large kernels: the neighbours of `group` offsets gathered at once, weighted and summed."
-    B, K, H, W = x.shape
-    xf, af, out = x.flatten(2), a.flatten(2), x.new_zeros(B, K, H * W)
-    for j in range(0, idx.shape[0], group):                              # one ring of 8 neighbours at a time
-        out += (_gather_ring(xf, idx, j, group) * af[:, None, j:j + group]).sum(2)
-    return out.view(B, K, H, W)
-
+# %% ../nbs/04_rfm.ipynb #eb42b614
 PAR_GATHERED: bool | None = None   # None: gathered on a GPU, banded on the CPU; True/False force one way (tests, bench)
 PAR_THREADS: int | None = None     # CPU: images split over this many threads (None: torch.get_num_threads(); 1: no split)
 
@@ -286,6 +270,7 @@ def image_threads(n: int) -> ThreadPoolExecutor:
             _POOLS[key] = pool
         return _POOLS[key]
 
+# %% ../nbs/04_rfm.ipynb #f31e4711
 @torch.no_grad()
 def _par_banded(image, cam, n_iter, dilations, w1, w2):
     "PAR the CPU's way on one thread's share of the batch: slices of a padded tensor, propagated band of rows by band."
@@ -296,6 +281,7 @@ def _par_banded(image, cam, n_iter, dilations, w1, w2):
     for _ in range(n_iter): x = _propagate(x, a, offs, band)
     return x
 
+# %% ../nbs/04_rfm.ipynb #15f3222c
 @torch.no_grad()
 def par(image: torch.Tensor,  # (B, 3, H, W) normalised image
         cam: torch.Tensor,  # (B, K, H, W) maps to refine, same size as the image
@@ -343,6 +329,98 @@ def par_reference(image, cam, n_iter=20, dilations=PAR_DILATIONS, w1=0.3, w2=0.0
         out.append(m)
     return torch.stack(out)
 
+# %% ../nbs/04_rfm.ipynb #a5b9f737
+def _check_pseudo(image, M_f, labels, valid):
+    "Raise a ValueError naming the offending tensor unless the pseudo-label inputs fit together."
+    if not torch.is_tensor(M_f) or M_f.ndim != 4:
+        raise ValueError("M_f must be a (B, C, h, w) tensor of refined CAMs.")
+    B, C, h, w = M_f.shape
+    _check_labels(labels, B, C, 'M_f')
+    if image.ndim != 4 or image.shape[0] != B:
+        raise ValueError(f"image must be (B, 3, H, W) with B={B} like M_f, got {tuple(image.shape)}.")
+    H, W = image.shape[-2:]
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"M_f's {h}x{w} grid is not the patch grid of a {H}x{W} image (sides must be the same "
+                         "multiple of the grid). Pass the CAMs and the crop of the same images.")
+    if valid is not None and valid.shape != (B, H, W):
+        raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
+
+# %% ../nbs/04_rfm.ipynb #57961be1
+@torch.no_grad()
+def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the crop the model saw)
+                  M_f: torch.Tensor,  # (B, C, h, w) refined CAMs on the patch grid
+                  labels: torch.Tensor,  # (B, C) multi-hot image labels
+                  valid: torch.Tensor | None = None,  # (B, H, W) bool, False on padding: those pixels get `ignore`
+                  bg_power: float = 1.,  # exponent β of the background score (official 1)
+                  n_iter: int = 20,  # PAR steps
+                  dilations=PAR_DILATIONS,  # PAR neighbour rings
+                  w1: float = 0.3, w2: float = 0.01,  # PAR weights
+                  ignore: int = IGNORE,  # label of pixels outside `valid`
+                  numerics: str = 'clean',  # 'official': image by image, OpenCV's resize (if installed), `par_official`
+                 ) -> torch.Tensor:  # M_p, (B, H, W) long: 0 background, c+1 class c, `ignore`
+    "M_p: pseudo labels from the refined CAM, background score and PAR, restricted to each image's classes."
+    _check_pseudo(image, M_f, labels, valid)
+    (B, C, h, w), (H, W) = M_f.shape, image.shape[-2:]
+    if numerics == 'official':
+        return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
+    order, slot = (t.to(M_f.device, non_blocking=True) for t in label_slots(labels.bool()))   # (B, K): each slot's class, real or not
+    K = order.shape[1]
+    cams = M_f.float().gather(1, order[:, :, None, None].expand(B, K, h, w)) * slot[:, :, None, None]
+    if K: cams = F.interpolate(cams, size=(H, W), mode='bilinear', align_corners=False)
+    else: cams = cams.new_zeros(B, 0, H, W)                                 # no image has a foreground label
+    top = cams.amax(1, keepdim=True) if K else cams.new_zeros(B, 1, H, W)
+    scores = par(image, torch.cat([(1 - top) ** bg_power, cams], 1), n_iter, dilations, w1, w2)
+    scores[:, 1:].masked_fill_(~slot[:, :, None, None], -torch.inf)
+    lut = torch.cat([order.new_zeros(B, 1), order + 1], 1)                   # slot -> class index + 1
+    M_p = lut.gather(1, scores.argmax(1).flatten(1)).view(B, H, W)
+    if valid is not None: M_p = M_p.masked_fill(~valid.bool(), ignore)
+    return M_p
+
+# %% ../nbs/04_rfm.ipynb #f45bf653
+def pseudo_labels_reference(image, M_f, labels, valid=None, **par_kw):
+    "Plain M_p, one image at a time with its own classes only (`pseudo_labels` is the batched one)."
+    out = []
+    for b in range(len(image)):
+        keys = [c for c in range(M_f.shape[1]) if labels[b, c]]
+        H, W = image.shape[-2:]
+        if keys:
+            cams = F.interpolate(M_f[b:b+1, keys], size=(H, W), mode='bilinear', align_corners=False)[0]
+            bg = 1 - cams.max(0, keepdim=True).values
+        else: cams, bg = M_f.new_zeros(0, H, W), M_f.new_ones(1, H, W)
+        scores = par_reference(image[b:b+1], torch.cat([bg, cams])[None], **par_kw)[0]
+        M_p = torch.tensor([0] + [c + 1 for c in keys], device=scores.device)[scores.argmax(0)]
+        if valid is not None: M_p[~valid[b]] = IGNORE
+        out.append(M_p)
+    return torch.stack(out)
+
+# %% ../nbs/04_rfm.ipynb #32d6af99
+def _neighbour_index(H: int, W: int, offs, device) -> torch.Tensor:
+    "(J, H*W) flat index of every pixel's neighbour j, coordinates clamped to the image (replicate padding)."
+    ys, xs = torch.arange(H, device=device)[:, None], torch.arange(W, device=device)[None, :]
+    return torch.stack([((ys + dy).clamp(0, H - 1) * W + (xs + dx).clamp(0, W - 1)).flatten() for dy, dx, _ in offs])
+
+def _gather_ring(xf: torch.Tensor, idx: torch.Tensor, j: int, group: int = 8) -> torch.Tensor:
+    "Neighbours j..j+group-1 of every pixel of xf (B, C, HW) in one gather: (B, C, group, HW)."
+    return xf[:, :, idx[j:j + group].flatten()].view(*xf.shape[:2], -1, xf.shape[-1])
+
+def _propagate_gathered(x: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, group: int = 8) -> torch.Tensor:
+    "One PAR step as a few large kernels: the neighbours of `group` offsets gathered at once, weighted and summed."
+    B, K, H, W = x.shape
+    xf, af, out = x.flatten(2), a.flatten(2), x.new_zeros(B, K, H * W)
+    for j in range(0, idx.shape[0], group):                              # one ring of 8 neighbours at a time
+        out += (_gather_ring(xf, idx, j, group) * af[:, None, j:j + group]).sum(2)
+    return out.view(B, K, H, W)
+
+def _kappa_gathered(img: torch.Tensor, idx: torch.Tensor, w1: float) -> torch.Tensor:
+    "-kappa_rgb of `par_affinity`, 8 neighbours (one ring) per kernel: (B, J, H, W)."
+    (B, nch, H, W), J = img.shape, idx.shape[0]
+    f = img.flatten(2)
+    ring = lambda j: _gather_ring(f, idx, j)                                   # (B, 3, 8, HW)
+    mean = sum(ring(j).sum(2) for j in range(0, J, 8)) / J
+    var = sum(((ring(j) - mean[:, :, None]) ** 2).sum(2) for j in range(0, J, 8)) / (J - 1)
+    inv = (1 / (((var.sqrt() + 1e-8) * w1) ** 2 * nch))[:, :, None]
+    return torch.cat([((ring(j) - f[:, :, None]) ** 2 * inv).sum(1) for j in range(0, J, 8)], 1).view(B, J, H, W)
+
 # %% ../nbs/04_rfm.ipynb #040c4c61
 def _neighbours(x: torch.Tensor, dilations) -> torch.Tensor:
     "(B, K, H, W) -> (B, K, J, H, W): each pixel's neighbours, replicate padding, in `_offsets` order."
@@ -373,7 +451,7 @@ def par_official(image: torch.Tensor,  # (B, 3, H, W) normalised image
         out.append(x[0])
     return torch.stack(out)
 
-# %% ../nbs/04_rfm.ipynb #a5b9f737
+# %% ../nbs/04_rfm.ipynb #a7861199
 def _resize_official(m: torch.Tensor, H: int, W: int) -> torch.Tensor:
     "A (h, w) map resized to (H, W) bilinearly as the official code does: cv2.resize when OpenCV is installed."
     try: import cv2
@@ -392,63 +470,5 @@ def _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilatio
         scores = par_official(image[b:b + 1], torch.cat([bg, cams])[None], n_iter, dilations, w1, w2)[0]
         M_p = torch.tensor([0] + [c + 1 for c in keys], device=scores.device)[scores.argmax(0)]
         if valid is not None: M_p = M_p.masked_fill(~valid[b].bool(), ignore)
-        out.append(M_p)
-    return torch.stack(out)
-
-@torch.no_grad()
-def pseudo_labels(image: torch.Tensor,  # (B, 3, H, W) normalised image (the crop the model saw)
-                  M_f: torch.Tensor,  # (B, C, h, w) refined CAMs on the patch grid
-                  labels: torch.Tensor,  # (B, C) multi-hot image labels
-                  valid: torch.Tensor | None = None,  # (B, H, W) bool, False on padding: those pixels get `ignore`
-                  bg_power: float = 1.,  # exponent β of the background score (official 1)
-                  n_iter: int = 20,  # PAR steps
-                  dilations=PAR_DILATIONS,  # PAR neighbour rings
-                  w1: float = 0.3, w2: float = 0.01,  # PAR weights
-                  ignore: int = IGNORE,  # label of pixels outside `valid`
-                  numerics: str = 'clean',  # 'official': image by image, OpenCV's resize (if installed), `par_official`
-                 ) -> torch.Tensor:  # M_p, (B, H, W) long: 0 background, c+1 class c, `ignore`
-    "M_p: pseudo labels from the refined CAM, background score and PAR, restricted to each image's classes."
-    if not torch.is_tensor(M_f) or M_f.ndim != 4:
-        raise ValueError("M_f must be a (B, C, h, w) tensor of refined CAMs.")
-    B, C, h, w = M_f.shape
-    _check_labels(labels, B, C, 'M_f')
-    if image.ndim != 4 or image.shape[0] != B:
-        raise ValueError(f"image must be (B, 3, H, W) with B={B} like M_f, got {tuple(image.shape)}.")
-    H, W = image.shape[-2:]
-    if H % h or W % w or H // h != W // w:
-        raise ValueError(f"M_f's {h}x{w} grid is not the patch grid of a {H}x{W} image (sides must be the same "
-                         "multiple of the grid). Pass the CAMs and the crop of the same images.")
-    if valid is not None and valid.shape != (B, H, W):
-        raise ValueError(f"valid must be (B, H, W)=({B}, {H}, {W}), got {tuple(valid.shape)}.")
-    if numerics == 'official':
-        return _pseudo_labels_official(image, M_f, labels, valid, bg_power, n_iter, dilations, w1, w2, ignore)
-    # (B, K) class in each slot, and whether it is a real one; found where the labels live (on the CPU, no GPU wait)
-    order, slot = (t.to(M_f.device, non_blocking=True) for t in label_slots(labels.bool()))
-    K = order.shape[1]
-    cams = M_f.float().gather(1, order[:, :, None, None].expand(B, K, h, w)) * slot[:, :, None, None]
-    if K: cams = F.interpolate(cams, size=(H, W), mode='bilinear', align_corners=False)
-    else: cams = cams.new_zeros(B, 0, H, W)                                 # no image has a foreground label
-    top = cams.amax(1, keepdim=True) if K else cams.new_zeros(B, 1, H, W)
-    scores = par(image, torch.cat([(1 - top) ** bg_power, cams], 1), n_iter, dilations, w1, w2)
-    scores[:, 1:].masked_fill_(~slot[:, :, None, None], -torch.inf)
-    lut = torch.cat([order.new_zeros(B, 1), order + 1], 1)                   # slot -> class index + 1
-    M_p = lut.gather(1, scores.argmax(1).flatten(1)).view(B, H, W)
-    if valid is not None: M_p = M_p.masked_fill(~valid.bool(), ignore)
-    return M_p
-
-# %% ../nbs/04_rfm.ipynb #f45bf653
-def pseudo_labels_reference(image, M_f, labels, valid=None, **par_kw):
-    "Plain M_p, one image at a time with its own classes only (`pseudo_labels` is the batched one)."
-    out = []
-    for b in range(len(image)):
-        keys = [c for c in range(M_f.shape[1]) if labels[b, c]]
-        H, W = image.shape[-2:]
-        if keys:
-            cams = F.interpolate(M_f[b:b+1, keys], size=(H, W), mode='bilinear', align_corners=False)[0]
-            bg = 1 - cams.max(0, keepdim=True).values
-        else: cams, bg = M_f.new_zeros(0, H, W), M_f.new_ones(1, H, W)
-        scores = par_reference(image[b:b+1], torch.cat([bg, cams])[None], **par_kw)[0]
-        M_p = torch.tensor([0] + [c + 1 for c in keys], device=scores.device)[scores.argmax(0)]
-        if valid is not None: M_p[~valid[b]] = IGNORE
         out.append(M_p)
     return torch.stack(out)
