@@ -66,3 +66,15 @@ def test_readme_is_not_generated():
     cfg = configparser.ConfigParser(); cfg.read(PKG.parent / 'settings.ini')
     nb = cfg['DEFAULT']['readme_nb']
     assert nb and not (PKG.parent / 'nbs' / nb).exists(), nb
+
+
+def test_index_quick_start_is_the_readme_s():
+    "The landing page's quick start is the README's, word for word: one set of commands and one time, wherever it is read."
+    import json, re
+    root = PKG.parent
+    readme = re.search(r'^## Quick start\n.*?(?=^## )', (root / 'README.md').read_text(), re.S | re.M)
+    assert readme, 'README.md has no "## Quick start" section'
+    cells = [''.join(c['source']) for c in json.loads((root / 'nbs' / 'index.ipynb').read_text())['cells']]
+    index = [s for s in cells if s.startswith('## Quick start')]
+    assert len(index) == 1, 'nbs/index.ipynb needs one cell that starts with "## Quick start"'
+    assert index[0].strip() == readme.group(0).strip()

@@ -21,6 +21,7 @@ from .evaluate import cam_to_labels, load_model
 from .config import make_config
 from .metrics import confusion, miou
 from .model import WeCLIP
+from .pretrained import colour_mask, class_legend, pretrained_toy
 
 # %% auto #0
 __all__ = ['HEADROOM_SPLIT', 'METHODS', 'HEADROOM_RESULTS', 'FIGURE_ROWS', 'TARGETS', 'oracle_affinity_reference',
@@ -274,7 +275,6 @@ def _miou_panel(ax, doc: dict, alpha: int):
 # %% ../nbs/07c_headroom.ipynb #2c2cd083
 def _maps_panel(fig, model: WeCLIP, names, seed: int, scene: int, alpha: int, top: float = 0.36):
     "One fresh scene: the image, its truth and its pseudo labels under each A_f (the model's rule), in a row of axes."
-    from weclip.pretrained import colour_mask, class_legend
     cfg = toy_config('default')
     x, y, gt = fresh_scenes(1, seed, cfg, scene)
     rows = ('none', 'static', 'trained', 'oracle', 'constant')
@@ -299,7 +299,6 @@ def headroom_figure(doc: dict | None = None,  # `stored_headroom()` (default)
                    ):
     "Pseudo-label mIoU by refinement over the stored fresh scenes (official and paper rule), and one scene's M_p under each A_f."
     import matplotlib.pyplot as plt
-    from weclip.pretrained import pretrained_toy
     doc = doc or stored_headroom()
     model, _, names = pretrained_toy()
     scene = typical_scene(doc['official'], alpha) if scene is None else scene
