@@ -76,7 +76,7 @@ def test_stored_results_describe_what_they_measured():
     assert ('trained', 2) in STORED['official']['rows'] and ('trained', 1) in STORED['official']['rows']
     for seed, r in STORED['paper_trained'].items():
         assert r['variant'] == 'paper' and set(r['rows']) == {('trained', 2)} and len(r['scenes'][('trained', 2)]['M_p']) == r['n']
-    assert {r['variant'] for r in STORED['runs']} == {'official', 'paper'}
+    assert [(r['variant'], r['seed']) for r in STORED['runs']] == [(v, s) for v in ('official', 'paper') for s in (0, 1, 2)]
 
 
 def test_stored_official_rule_matches_a_fresh_measurement(official):
