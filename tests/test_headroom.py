@@ -3,29 +3,31 @@
 The stored results (`weclip/assets/weclip-headroom.json`, served by `stored_headroom`) are 400 fresh scenes of the
 'headroom' split, seed 2. The tests measure the first N of those scenes again and fail when a stored number is wrong:
 each scene's mIoU must match the stored one (up to the last bits a CPU's kernels may move), and each stored pooled
-mIoU must lie within four standard errors of the fresh N-scene one (a bootstrap over the fresh scenes). The paper
-rule's trained rows come from `--variant paper` training runs whose checkpoints are not shipped, so they are checked
-for their shape only. The default world must also meet `TARGETS` on these scenes, so a change to the world, the tiny
+mIoU must lie within four standard errors of the fresh N-scene one (a bootstrap over the fresh scenes). Every trained
+row is measured again with the decoder it was stored from, shipped beside the tiny CLIP (`stored_decoder`). The
+default world must also meet `TARGETS` on these scenes, so a change to the world, the tiny
 CLIP or the stages that takes RFM's headroom away fails here.
 """
 import contextlib, io, json, os, subprocess, sys
 import numpy as np
 import pytest
 import torch
-from weclip.headroom import (check_targets, headroom_table, main, stored_headroom, headroom_batch,
-                             headroom_model, fresh_scenes, METHODS)
+from weclip.headroom import (check_targets, headroom_table, main, stored_headroom, stored_decoder, headroom_batch,
+                             headroom_model, fresh_scenes, METHODS, CONTROLS)
 from weclip.metrics import confusion, miou
 from weclip.pretrained import TOY_CHECKPOINT
+from weclip.checkpoint import load_checkpoint
 from weclip.toy import toy_config
 
 N = int(os.environ.get('WECLIP_HEADROOM_N', 64))   # scenes measured again (the stored results have 400)
 STORED = stored_headroom()
 
 
-def fresh_confusions(stored, checkpoint=None, variant='official'):
+def fresh_confusions(stored, checkpoint=None, variant='official', methods=tuple(METHODS)):
     "{(method, 2): ([confusion of each scene's M_f labels], [... of its M_p])} on the first N stored scenes."
     model = headroom_model(checkpoint, None, toy_config('default').classes, variant)
-    methods = [m for m in METHODS if m != 'trained' or checkpoint is not None]
+    assert model.variant == stored['variant']
+    methods = [m for m in methods if m != 'trained' or checkpoint is not None]
     out = {}
     for start in range(0, N, 16):
         x, y, gt = fresh_scenes(min(16, N - start), stored['seed'], 'default', start)
@@ -50,7 +52,12 @@ def official(): return fresh_confusions(STORED['official'], TOY_CHECKPOINT)
 
 
 @pytest.fixture(scope='module')
-def paper(): return fresh_confusions(STORED['paper'], variant='paper')
+def paper(): return fresh_confusions(STORED['paper'], stored_decoder('paper'))
+
+
+@pytest.fixture(scope='module')
+def controls():
+    return {k: fresh_confusions(r, stored_decoder(k), methods=('trained',)) for k, r in STORED['controls'].items()}
 
 
 def check_against_stored(confs, stored, seed=0):
@@ -74,9 +81,17 @@ def test_stored_results_describe_what_they_measured():
         for key, row in s['rows'].items():
             assert len(s['scenes'][key]['M_p']) == s['n'] and 0 <= row['M_p'] <= 100
     assert ('trained', 2) in STORED['official']['rows'] and ('trained', 1) in STORED['official']['rows']
-    for seed, r in STORED['paper_trained'].items():
-        assert r['variant'] == 'paper' and set(r['rows']) == {('trained', 2)} and len(r['scenes'][('trained', 2)]['M_p']) == r['n']
-    assert [(r['variant'], r['seed']) for r in STORED['runs']] == [(v, s) for v in ('official', 'paper') for s in (0, 1, 2)]
+    assert ('trained', 2) in STORED['paper']['rows']
+    assert set(STORED['controls']) == set(CONTROLS)
+    for name, r in STORED['controls'].items():
+        assert (r['n'], r['seed'], r['variant'], r['checkpoint']) == (400, 2, 'official', stored_decoder(name).name)
+        assert set(r['rows']) == {('trained', 2)} and len(r['scenes'][('trained', 2)]['M_p']) == r['n']
+    assert [(r['variant'], r['seed'], r.get('control')) for r in STORED['runs']] == (
+        [(v, s, None) for v in ('official', 'paper') for s in (0, 1, 2)] + [('official', 0, c) for c in CONTROLS])
+    for name in ('official', 'paper', *CONTROLS):            # each shipped decoder's run report is its runs row
+        report = load_checkpoint(stored_decoder(name))['results']
+        row = [r for r in STORED['runs'] if r['seed'] == 0 and r.get('control', r['variant']) == name]
+        assert len(row) == 1 and row[0]['results'] == report, name
 
 
 def test_stored_official_rule_matches_a_fresh_measurement(official):
@@ -87,6 +102,12 @@ def test_stored_official_rule_matches_a_fresh_measurement(official):
 
 def test_stored_paper_rule_matches_a_fresh_measurement(paper):
     check_against_stored(paper, STORED['paper'])
+    assert set(paper) == {k for k in STORED['paper']['rows']}
+
+
+def test_stored_control_runs_match_a_fresh_measurement(controls):
+    for name, confs in controls.items():
+        check_against_stored(confs, STORED['controls'][name])
 
 
 def test_the_check_catches_wrong_stored_numbers(official):

@@ -21,13 +21,14 @@ from .evaluate import cam_to_labels, load_model
 from .config import make_config
 from .metrics import confusion, miou
 from .model import WeCLIP
-from .pretrained import colour_mask, class_legend, pretrained_toy
+from .pretrained import ASSETS, colour_mask, class_legend, pretrained_toy
 
 # %% auto #0
-__all__ = ['HEADROOM_SPLIT', 'METHODS', 'HEADROOM_RESULTS', 'FIGURE_ROWS', 'TARGETS', 'oracle_affinity_reference',
-           'oracle_affinity', 'constant_affinity', 'fresh_scenes', 'headroom_batch', 'headroom_model',
-           'measure_headroom', 'headroom_to_json', 'headroom_from_json', 'stored_headroom', 'comparison_table',
-           'headroom_table', 'runs_table', 'typical_scene', 'headroom_figure', 'check_targets', 'main']
+__all__ = ['HEADROOM_SPLIT', 'METHODS', 'HEADROOM_RESULTS', 'CONTROLS', 'STORED_DECODERS', 'FIGURE_ROWS', 'TARGETS',
+           'oracle_affinity_reference', 'oracle_affinity', 'constant_affinity', 'fresh_scenes', 'headroom_batch',
+           'headroom_model', 'measure_headroom', 'headroom_to_json', 'headroom_from_json', 'stored_decoder',
+           'stored_headroom', 'comparison_table', 'headroom_table', 'runs_table', 'typical_scene', 'headroom_figure',
+           'check_targets', 'main']
 
 # %% ../nbs/07c_headroom.ipynb #9759bf7d
 def oracle_affinity_reference(mask: torch.Tensor,  # (H, W) long true mask of one image, 0 background
@@ -189,13 +190,21 @@ def headroom_from_json(doc: dict) -> dict:
     return doc | dict(rows=keyed(doc['rows'])) | (dict(scenes=keyed(doc['scenes'])) if 'scenes' in doc else {})
 
 # %% ../nbs/07c_headroom.ipynb #13da7006
-HEADROOM_RESULTS = Path(str(resources.files('weclip') / 'assets')) / 'weclip-headroom.json'
+HEADROOM_RESULTS = ASSETS / 'weclip-headroom.json'
+
+CONTROLS = {'no-rfm': 'RFM, A_f of --no-rfm run', 'full': 'RFM, A_f of true-mask run'}   # the control runs' trained rows
+STORED_DECODERS = {'official': 'weclip-toy.pt', 'paper': 'weclip-toy-paper.pt',   # the decoders of the stored trained
+                   'no-rfm': 'weclip-toy-no-rfm.pt', 'full': 'weclip-toy-full.pt'}  # rows, shipped beside the tiny CLIP
+
+def stored_decoder(name: str) -> Path:
+    "The shipped checkpoint whose decoder gives a stored 'trained' row: 'official' (the shipped toy model), 'paper', 'no-rfm', 'full'."
+    return ASSETS / STORED_DECODERS[name]
 
 def stored_headroom(path=HEADROOM_RESULTS) -> dict:
-    "The stored measurements: 'official' and 'paper' (as `measure_headroom` returns them), 'paper_trained' by seed, 'runs'."
+    "The stored measurements: 'official' and 'paper' (as `measure_headroom` returns them), 'controls' (the trained rows of the `--no-rfm` and `--supervision full` runs) and 'runs' (training reports)."
     doc = json.loads(Path(path).read_text())
     return doc | {k: headroom_from_json(doc[k]) for k in ('official', 'paper')} | dict(
-        paper_trained={int(s): headroom_from_json(r) for s, r in doc['paper_trained'].items()})
+        controls={k: headroom_from_json(r) for k, r in doc['controls'].items()})
 
 # %% ../nbs/07c_headroom.ipynb #08013e19
 def _cell(r): return f"{r['M_f']:5.1f} / {r['M_p']:4.1f}" if r else '—'
@@ -203,17 +212,17 @@ def _cell(r): return f"{r['M_f']:5.1f} / {r['M_p']:4.1f}" if r else '—'
 def comparison_table(doc: dict | None = None,  # `stored_headroom()` (default) or the same shape
                      alpha: int = 2,  # the power α
                     ) -> str:
-    "Pooled mIoU (%) of M_f / M_p (+PAR) per row, the official rule beside the paper's (its trained row: seed 0's run)."
+    "Pooled mIoU (%) of M_f / M_p (+PAR) per row, the official rule beside the paper's; then the control runs' trained rows."
     doc = doc or stored_headroom()
-    off, pap, runs = doc['official'], doc['paper'], doc['paper_trained']
+    off, pap = doc['official'], doc['paper']
     lines = [f"{off['n']} fresh scenes (seed {off['seed']}), α = {alpha}, mIoU % of M_f / M_p (+PAR)",
-             f"{'':24}{'official rule':>16}{'paper rule':>16}"]
+             f"{'':26}{'official rule':>16}{'paper rule':>16}"]
     for m in METHODS:
         k = (m, None if m == 'none' else alpha)
-        p = runs[min(runs)]['rows'].get(k) if m == 'trained' else pap['rows'].get(k)
-        lines.append(f"{METHODS[m]:24}{_cell(off['rows'].get(k)):>16}{_cell(p):>16}")
-    seeds = ', '.join(f"seed {s}: {_cell(r['rows'].get(('trained', alpha)))}" for s, r in sorted(runs.items()))
-    return '\n'.join(lines + [f"paper rule, RFM trained A_f by training seed: {seeds}"])
+        lines.append(f"{METHODS[m]:26}{_cell(off['rows'].get(k)):>16}{_cell(pap['rows'].get(k)):>16}")
+    for name, r in doc.get('controls', {}).items():
+        lines.append(f"{CONTROLS[name]:26}{_cell(r['rows'].get(('trained', alpha))):>16}{'':>16}")
+    return '\n'.join(lines)
 
 # %% ../nbs/07c_headroom.ipynb #e5e99470
 def headroom_table(res: dict,  # a `measure_headroom` result
@@ -255,11 +264,10 @@ def typical_scene(res: dict, alpha: int = 2, first: int = 32) -> int:
 # %% ../nbs/07c_headroom.ipynb #73592d5b
 def _miou_panel(ax, doc: dict, alpha: int):
     "Box plots of the per-scene pseudo-label mIoU of each row, official and paper rule side by side, pooled mIoU as diamonds."
-    off, pap, runs = doc['official'], doc['paper'], doc['paper_trained']
-    paper = lambda what: pap[what] | {('trained', alpha): runs[min(runs)][what][('trained', alpha)]}
+    off, pap = doc['official'], doc['paper']
     keys = [(m, None if m == 'none' else alpha) for m in FIGURE_ROWS]
     for per, pooled, colour, dx, label in ((off['scenes'], off['rows'], 'tab:blue', -0.18, 'official rule (signed, ≤), shipped model'),
-                                           (paper('scenes'), paper('rows'), 'tab:orange', 0.18, 'paper rule (absolute, <), seed-0 run')):
+                                           (pap['scenes'], pap['rows'], 'tab:orange', 0.18, 'paper rule (absolute, <), seed-0 run')):
         at = np.arange(len(keys)) + dx
         ax.boxplot([per[k]['M_p'] for k in keys], positions=at, widths=0.3, showfliers=False, patch_artist=True,
                    boxprops=dict(facecolor=colour, alpha=0.35), medianprops=dict(color=colour))
@@ -296,11 +304,12 @@ def _maps_panel(fig, model: WeCLIP, names, seed: int, scene: int, alpha: int, to
 def headroom_figure(doc: dict | None = None,  # `stored_headroom()` (default)
                     scene: int | None = None,  # fresh scene whose maps are drawn (default: `typical_scene`)
                     alpha: int = 2,  # the power α
+                    pretrained: tuple | None = None,  # `pretrained_toy()`'s (model, config, names), if loaded already
                    ):
     "Pseudo-label mIoU by refinement over the stored fresh scenes (official and paper rule), and one scene's M_p under each A_f."
     import matplotlib.pyplot as plt
     doc = doc or stored_headroom()
-    model, _, names = pretrained_toy()
+    model, _, names = pretrained or pretrained_toy()
     scene = typical_scene(doc['official'], alpha) if scene is None else scene
     fig = plt.figure(figsize=(11, 7), dpi=100)
     _miou_panel(fig.add_axes((0.08, 0.47, 0.9, 0.47)), doc, alpha)
