@@ -193,6 +193,7 @@ def test_resume_on_another_class_list_is_one_line(toy, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     r = run(*ARGS, '--data-root', other, '--out-dir', str(tmp_path / 'o'), '--iters', '2', '--resume')
     assert r.returncode != 0 and 'was trained on other classes than' in r.stderr, r.stderr[-3000:]
+    assert "in its label file" in r.stderr and "first difference: 'triangle' there, 'star' here" in r.stderr, r.stderr[-3000:]
     assert 'Traceback' not in r.stderr
 
 

@@ -112,7 +112,8 @@ def check_weclip_checkpoint(state, path, keys=('model', 'config'), # what the ca
 RUN_FIELDS = ('preset', 'variant', 'numerics', 'dataset', 'train_split', 'model', 'weights', 'iters', 'batch_size', 'lr',
               'decoder_lr_mult', 'weight_decay', 'warmup_iters', 'warmup_ratio', 'poly_power', 'crop_size', 'scale_min',
               'scale_max', 'norm', 'decoder_blocks', 'decoder_dim', 'rfm_start', 'rfm_layers', 'box_threshold',
-              'rfm_power', 'aff_weight', 'aff_radius', 'rfm', 'supervision', 'seed')
+              'rfm_power', 'aff_weight', 'aff_radius', 'rfm', 'supervision', 'seed',
+              'background')   # the background words are part of the text features the CAM is scored against
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path):
     "Refuse to resume a checkpoint written under different training settings (logging and paths may differ; the fields `cfg.allow_change` names may too)."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #68dbe85a
 from __future__ import annotations
-import dataclasses, inspect, json, os, random, re, shutil, signal, sys, threading, time
+import dataclasses, inspect, itertools, json, os, random, re, shutil, signal, sys, threading, time
 if not {'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'} & set(os.environ):   # before torch loads OpenMP; why: README,
     os.environ['GOMP_SPINCOUNT'] = '10000'                        # "A busy machine"
 from dataclasses import asdict
@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, model=None, stop_at: int | None = None) -> dict:
         opt = model.optimizer(cfg.lr, cfg.decoder_lr_mult, cfg.weight_decay)               # optimizer (fused on a GPU)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.iters, cfg.warmup_iters,
                                                                             cfg.warmup_ratio, cfg.poly_power))
-        it, best = (_resume(out / 'last.pt', cfg, train_ds.classes, model, opt, sched, rank, world, device)   # resume
+        it, best = (_resume(out / 'last.pt', cfg, train_ds, model, opt, sched, rank, world, device)   # resume
                     if cfg.resume else (0, -1.0))
         run.start(it)
         amp = torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.amp and device.type == 'cuda')
@@ -352,15 +352,20 @@ def _state(it, best, model, opt, sched, cfg, classes, device, world) -> dict:
                 scheduler=sched.state_dict(), rng=rngs, config=asdict(cfg), classes=list(classes))
 
 # %% ../nbs/11_train.ipynb #224438ba
-def _resume(path: Path, cfg, classes, model, opt, sched, rank, world, device) -> tuple[int, float]:
+def _resume(path: Path, cfg, ds, model, opt, sched, rank, world, device) -> tuple[int, float]:
     "Load `path` into the model, optimizer, scheduler and RNGs; the iteration and best mIoU it was written at."
     state = load_checkpoint(path, missing='Start without --resume (or use --resume auto), or point --out-dir at the run '
                             'to resume.')                # on the CPU: RNG states must stay CPU tensors
     check_weclip_checkpoint(state, path, ('iteration', 'best', 'model', 'optimizer', 'scheduler', 'rng', 'config'),
                             f'delete it (or move it away) to start a new run in {path.parent}, or choose another --out-dir')
     check_resume_config(state['config'], cfg, path)
-    other = ValueError(f"{path} was trained on other classes than {cfg.data_root} has ({len(classes)} here): resume "
-                       "with the --data-root it was trained on, or start a new run in another --out-dir.")
+    classes, saved = list(ds.classes), state.get('classes')
+    first = '' if saved is None else next((f'; first difference: {a!r} there, {b!r} here' for a, b in
+                                           itertools.zip_longest(saved, classes) if a != b), '')
+    other = ValueError(f"{path} was trained on other classes than {cfg.data_root} has ("
+                       f"{'' if saved is None else f'{len(saved)} there, '}{len(classes)} in its label file "
+                       f"{getattr(ds, 'label_file', '?')}{first}): resume with the --data-root it was trained on, "
+                       "or start a new run in another --out-dir.")
     if state.get('classes', list(classes)) != list(classes): raise other
     if len(state['rng']) != world:
         raise ValueError(f"{path} was written by {len(state['rng'])} process(es), this run has {world}: resume with "
