@@ -21,11 +21,12 @@ from .rfm import pseudo_labels
 from .prompts import text_features
 
 # %% auto #0
-__all__ = ['TINY_CLIP_WEIGHTS', 'TRAIN_TEMPLATE', 'SHAPED_BLOCKS', 'ToyClipError', 'caption_targets', 'same_classes',
-           'sigmoid_loss', 'lme_pool', 'attention_loss', 'concept_loss', 'value_readout', 'tiny_forward',
-           'tiny_clip_loss', 'render_scenes', 'to_input', 'param_groups', 'lr_at', 'load_tiny_clip',
+__all__ = ['TINY_CLIP_WEIGHTS', 'TRAIN_TEMPLATE', 'SHAPED_BLOCKS', 'TINY_MEASURED', 'ToyClipError', 'caption_targets',
+           'same_classes', 'sigmoid_loss', 'lme_pool', 'attention_loss', 'concept_loss', 'value_readout',
+           'tiny_forward', 'tiny_clip_loss', 'render_scenes', 'to_input', 'param_groups', 'lr_at', 'load_tiny_clip',
            'average_precision', 'iou_per_class', 'pseudo_from_cam', 'zero_shot_scores', 'cam_pseudo_labels',
-           'measure_tiny_clip', 'miou', 'knob_study', 'show_toy_cams', 'train_tiny_clip', 'main']
+           'measure_tiny_clip', 'miou', 'stored_tiny_measurements', 'measured_table', 'knob_study', 'knob_table',
+           'show_toy_cams', 'train_tiny_clip', 'main']
 
 # %% ../nbs/07b_toyclip.ipynb #cfc23363
 TINY_CLIP_WEIGHTS = LOCAL_PRETRAINED[TINY_CLIP, TINY_CLIP_TAG]  # the shipped fp16 state dict (weclip.backbone names it)
@@ -291,6 +292,27 @@ def miou(ious:dict) -> float:
     v = [x for x in ious.values() if x == x]
     return sum(v) / len(v)
 
+# %% ../nbs/07b_toyclip.ipynb #2641903a
+TINY_MEASURED = TINY_CLIP_WEIGHTS.with_name('weclip-tiny-measured.json')   # beside the shipped weights
+
+def stored_tiny_measurements(path=TINY_MEASURED) -> dict:
+    "The shipped tiny CLIP measured once: 'val' (`measure_tiny_clip`, 400 scenes), 'knobs' (`knob_study`, 200 scenes a world) and 'check' (the same on the few scenes this page measures again)."
+    return json.loads(Path(path).read_text())
+
+def measured_table(r:dict) -> str:
+    "A `measure_tiny_clip` result as text: per template mAP (AP range) and initial-CAM mIoU three ways, the baselines, per-class IoUs."
+    lines = [f"{r['n_val']} '{r['preset']}' val scenes at {r['size']} px (seed {r['seed']}), CAM threshold {r['threshold']}; mIoU:",
+             f"{'template':32}{'zero-shot mAP (AP)':>22}{'initial CAM':>13}{'+ bg score + PAR':>18}{'no background set':>19}"]
+    for tpl, x in r['results'].items():
+        ap = list(x['AP'].values())
+        lines.append(f"{tpl!r:32}{x['mAP']:>10.3f} ({min(ap):.2f}–{max(ap):.2f})"
+                     f"{miou(x['with_bg']):13.3f}{miou(x['with_bg_par']):18.3f}{miou(x['without_bg']):19.3f}")
+    lines += [f"{k + ' (baseline)':32}{'–':>22}{miou(v):13.3f}" for k, v in r['baselines'].items()]
+    tpl = next(iter(r['results']))
+    return '\n'.join(lines + [f"per class, {tpl!r} with the background set: " +
+                              ', '.join(f'{k} {v:.2f}' for k, v in r['results'][tpl]['with_bg'].items())])
+
+
 # %% ../nbs/07b_toyclip.ipynb #ba2469a4
 def knob_study(clip:nn.Module, # a tiny CLIP
                n_val:int=100, seed:int=0, threshold:float=0.5, batch:int=16) -> dict:
@@ -311,6 +333,10 @@ def knob_study(clip:nn.Module, # a tiny CLIP
         out[name] = dict(mAP=average_precision(zero_shot_scores(fc, x, fg, batch), y).nanmean().item(),
                          cam_miou=miou(dict(enumerate(iou_per_class(mp, torch.from_numpy(masks).long(), n).tolist()))))
     return out
+
+def knob_table(ks:dict) -> str:
+    "A `knob_study` result as text: one world a line, its zero-shot mAP and initial-CAM mIoU."
+    return '\n'.join(f"{k:52} mAP {v['mAP']:.3f}  CAM mIoU {v['cam_miou']:.3f}" for k, v in ks.items())
 
 # %% ../nbs/07b_toyclip.ipynb #140e5b81
 def show_toy_cams(images:np.ndarray, # (B, H, W, 3) uint8
