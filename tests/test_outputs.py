@@ -1,5 +1,6 @@
 "The notebooks' committed outputs (present under every figure, current) and the offline HTML the README promises."
-import importlib.util, re, subprocess, sys
+import importlib.util, re, shutil, subprocess, sys
+import pytest
 from pathlib import Path
 from urllib.parse import urlparse, unquote
 
@@ -59,6 +60,7 @@ def _tiny_notebook(path):
     from nbformat.v4 import new_notebook, new_markdown_cell, new_code_cell, new_output
     nb = new_notebook(cells=[
         new_markdown_cell('# Tiny\n\n$$1/\\tau = e^{\\texttt{logit\\_scale}}$$ and [the RFM](04_rfm.ipynb#Layers)\n\n'
+                          "$\\sigma'(z)$ and $S_{ij'}$ aren't in the same formula\n\n"
                           '| a | b |\n|---|---|\n| x | `--source seg\\|cam\\|pseudo` |'),
         new_code_cell('#| hide\nSECRET_HIDDEN_CELL = 1'),
         new_code_cell('#| echo: false\nSECRET_ECHO_SOURCE = 2',
@@ -67,15 +69,20 @@ def _tiny_notebook(path):
     nbformat.write(nb, str(path))
 
 
-def test_offline_html(tmp_path):
-    "`python tools/offline_html.py OUT NB`: a folder that still shows its equations after it is moved, as nbdev's docs show it."
-    import shutil
+def _moved_pages(tmp_path) -> Path:
+    "The tiny notebook's offline pages, written by `tools/offline_html.py` and then moved to another folder."
     nbp = tmp_path / 'src' / '99_tiny.ipynb'; nbp.parent.mkdir(); _tiny_notebook(nbp)
     out = tmp_path / 'pages'
     r = subprocess.run([sys.executable, str(ROOT / 'tools' / 'offline_html.py'), str(out), str(nbp)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     moved = tmp_path / 'elsewhere' / 'copy'; shutil.copytree(out, moved); shutil.rmtree(out)
+    return moved
+
+
+def test_offline_html(tmp_path):
+    "`python tools/offline_html.py OUT NB`: a folder that still shows its equations after it is moved, as nbdev's docs show it."
+    moved = _moved_pages(tmp_path)
     html = (moved / '99_tiny.html').read_text()
     scripts = [s for s in re.findall(r'<script[^>]*\ssrc="([^"]*)"', html)]
     mathjax = [s for s in scripts if 'MathJax.js' in s]
@@ -91,3 +98,19 @@ def test_offline_html(tmp_path):
     assert 'href="04_rfm.html#Layers"' in html and '.ipynb' not in html         # links between pages
     assert '\\texttt{logit_scale}' in html and 'seg|cam|pseudo' in html        # as MathJax and a reader should see them
     assert '$$' in html                                                          # equations left for MathJax
+    assert "\\sigma^{\\prime}(z)" in html and "S_{ij^{\\prime}}" in html and "aren't" in html   # primes MathJax 2 can draw
+
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason='no Chromium on this machine (Debian: apt install chromium)')
+def test_offline_html_typesets_in_a_browser(tmp_path):
+    "The moved pages opened in headless Chromium: MathJax typesets every formula, with no processing error."
+    page = _moved_pages(tmp_path) / '99_tiny.html'
+    r = subprocess.run([CHROMIUM, '--headless=new', '--no-sandbox', '--disable-gpu', '--allow-file-access-from-files',
+                        '--virtual-time-budget=20000', '--dump-dom', page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = r.stdout
+    assert 'MathJax_Display' in dom or 'class="MathJax' in dom, dom[-2000:]      # typeset, from the copied MathJax
+    assert 'Math Processing Error' not in dom, re.findall(r'.{300}Math Processing Error', dom)[:2]
+    assert 'class="MathJax_Error"' not in dom

@@ -34,9 +34,15 @@ def _directives(src: str) -> tuple[dict, str]:
 def _texttt(m: re.Match) -> str: return m[0].replace('\\_', '_')
 
 
+def _primes(m: re.Match) -> str:
+    "A formula's primes as superscripts: MathJax 2's HTML-CSS output with the STIX-Web fonts fails on `x'` (a 'Math Processing Error'), not on `x^{\\prime}`."
+    return re.sub(r"'+", lambda p: '^{' + r'\prime' * len(p[0]) + '}', m[0])
+
+
 def fix_markdown(src: str) -> str:
-    "Markdown as MathJax 2 should see it (`\\_` in `\\texttt{}`), its links to notebooks pointing at their pages."
+    "Markdown as MathJax 2 should see it (`\\_` in `\\texttt{}`, primes as `^{\\prime}`), its links to notebooks pointing at their pages."
     src = re.sub(r'\\texttt\{[^{}]*\}', _texttt, src)
+    src = re.sub(r'\$\$.+?\$\$|\$[^$\n]+?\$', _primes, src, flags=re.S)
     return re.sub(r'\]\((?![a-z]+://)([^)\s]+?)\.ipynb(#[^)\s]*)?\)', lambda m: f'](' + m[1] + '.html' + (m[2] or '') + ')', src)
 
 
