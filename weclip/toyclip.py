@@ -309,8 +309,8 @@ def measured_table(r:dict) -> str:
                      f"{miou(x['with_bg']):13.3f}{miou(x['with_bg_par']):18.3f}{miou(x['without_bg']):19.3f}")
     lines += [f"{k + ' (baseline)':32}{'–':>22}{miou(v):13.3f}" for k, v in r['baselines'].items()]
     tpl = next(iter(r['results']))
-    return '\n'.join(lines + [f"per class, {tpl!r} with the background set: " +
-                              ', '.join(f'{k} {v:.2f}' for k, v in r['results'][tpl]['with_bg'].items())])
+    return '\n'.join(lines + [f"per class, {tpl!r} with the background set:",
+                              '  ' + ', '.join(f'{k} {v:.2f}' for k, v in r['results'][tpl]['with_bg'].items())])
 
 
 # %% ../nbs/07b_toyclip.ipynb #ba2469a4
