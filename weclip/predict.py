@@ -101,7 +101,8 @@ def overlay(image: np.ndarray, # (H,W,3) uint8
     blend = (1 - alpha) * image + alpha * pal[mask]
     out = np.where(mask[..., None] > 0, blend, image).round().astype(np.uint8)
     if names is None: return out
-    return np.concatenate([out, legend_strip(names, sorted(int(c) for c in np.unique(mask)), out.shape[1])])
+    named = [int(c) for c in np.unique(mask) if c < len(names)]   # a true mask's 255 (ignored) has no name to show
+    return np.concatenate([out, legend_strip(names, named, out.shape[1])])
 
 # %% ../nbs/10b_predict.ipynb #c730f144
 def write_prediction(p, rgb, mask, mask_path, overlay_path, names=None) -> dict:
