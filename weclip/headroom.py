@@ -6,7 +6,6 @@
 from __future__ import annotations
 import argparse, json, sys, time
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
