@@ -102,7 +102,7 @@ def test_stored_official_rule_matches_a_fresh_measurement(official):
 
 def test_stored_paper_rule_matches_a_fresh_measurement(paper):
     check_against_stored(paper, STORED['paper'])
-    assert set(paper) == {k for k in STORED['paper']['rows']}
+    assert set(paper) == set(STORED['paper']['rows'])
 
 
 def test_stored_control_runs_match_a_fresh_measurement(controls):

@@ -20,7 +20,7 @@ from .evaluate import cam_to_labels, load_model
 from .config import make_config
 from .metrics import confusion, miou
 from .model import WeCLIP
-from .pretrained import ASSETS, colour_mask, class_legend, pretrained_toy
+from .pretrained import ASSETS, TOY_CHECKPOINT, colour_mask, class_legend, pretrained_toy
 
 # %% auto #0
 __all__ = ['HEADROOM_SPLIT', 'METHODS', 'HEADROOM_RESULTS', 'CONTROLS', 'STORED_DECODERS', 'FIGURE_ROWS', 'TARGETS',
@@ -192,7 +192,7 @@ def headroom_from_json(doc: dict) -> dict:
 HEADROOM_RESULTS = ASSETS / 'weclip-headroom.json'
 
 CONTROLS = {'no-rfm': 'RFM, A_f of --no-rfm run', 'full': 'RFM, A_f of true-mask run'}   # the control runs' trained rows
-STORED_DECODERS = {'official': 'weclip-toy.pt', 'paper': 'weclip-toy-paper.pt',   # the decoders of the stored trained
+STORED_DECODERS = {'official': TOY_CHECKPOINT.name, 'paper': 'weclip-toy-paper.pt',   # the decoders of the stored trained
                    'no-rfm': 'weclip-toy-no-rfm.pt', 'full': 'weclip-toy-full.pt'}  # rows, shipped beside the tiny CLIP
 
 def stored_decoder(name: str) -> Path:
