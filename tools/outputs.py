@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / 'nbs'
-MAX_NB, MAX_ALL = 1_000_000, 7_000_000   # the figures with their colour bars take 6.1 MB
+MAX_NB, MAX_ALL = 1_000_000, 7_000_000   # the figures with their colour bars take about 6 MB
 SKIP_FLAGS = ('slow', 'gpu')
 # notebooks whose `#| gpu` cells have a SMOKE mode that runs on a CPU: `refresh` executes those cells with this
 # environment (the one tests/test_reproduce.py gives them) and `check` wants their outputs like any other cell's

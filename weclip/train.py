@@ -366,7 +366,7 @@ def _resume(path: Path, cfg, ds, model, opt, sched, rank, world, device) -> tupl
                        f"{'' if saved is None else f'{len(saved)} there, '}{len(classes)} in its label file "
                        f"{getattr(ds, 'label_file', '?')}{first}): resume with the --data-root it was trained on, "
                        "or start a new run in another --out-dir.")
-    if state.get('classes', list(classes)) != list(classes): raise other
+    if saved is not None and saved != classes: raise other
     if len(state['rng']) != world:
         raise ValueError(f"{path} was written by {len(state['rng'])} process(es), this run has {world}: resume with "
                          "the same --nproc_per_node.")
